@@ -1,0 +1,452 @@
+"""Triton kernels for compose (DESIGN.md, "compose") and their launchers.
+
+Forward: one pass; each output element is computed from the source image
+through the cache (resize taps, placement, prompt, normalization and the
+optional per-sample flip/resize/placement) and written once. Backward: the
+prompt gradient in one pass over the incoming gradient (two for the
+per-sample norms), accumulated in float32 without B x C x S x S temporaries.
+Interpolation follows ATen's float32 formulas (align_corners=False), the
+antialiased ones included.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_empty = torch.empty  # every allocation goes through here, so tests can poison it
+
+BLOCK_FWD = 1024
+BLOCK_BWD = 1024
+NUM_WARPS = 4
+TRANSFORM_TAPS = 5  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
+
+
+# --------------------------------------------------------------------------- interpolation taps
+
+
+@triton.jit
+def _cubic1(t, A: tl.constexpr):
+    return ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0
+
+
+@triton.jit
+def _cubic2(t, A: tl.constexpr):
+    return ((A * t - 5.0 * A) * t + 8.0 * A) * t - 4.0 * A
+
+
+@triton.jit
+def _aa_filter(t, BICUBIC: tl.constexpr):
+    t = tl.abs(t)
+    if BICUBIC:
+        w = tl.where(t < 1.0, _cubic1(t, -0.5), tl.where(t < 2.0, _cubic2(t, -0.5), 0.0))
+    else:
+        w = tl.maximum(1.0 - t, 0.0)
+    return w
+
+
+@triton.jit
+def _tap(dst, k: tl.constexpr, in_size, scale, BICUBIC: tl.constexpr, AA: tl.constexpr):
+    """Input index and weight of tap ``k`` for output index ``dst`` along one axis.
+
+    Antialiased weights are not normalized here: divide by ``_aa_total``.
+    """
+    d = dst.to(tl.float32)
+    if AA:
+        half: tl.constexpr = 2.0 if BICUBIC else 1.0
+        support = tl.where(scale >= 1.0, half * scale, half)
+        invscale = tl.where(scale >= 1.0, 1.0 / scale, 1.0)
+        center = scale * (d + 0.5)
+        xmin = tl.maximum((center - support + 0.5).to(tl.int32), 0)
+        xmax = tl.minimum((center + support + 0.5).to(tl.int32), in_size)
+        j = xmin + k
+        w = tl.where(j < xmax, _aa_filter((j.to(tl.float32) - center + 0.5) * invscale, BICUBIC), 0.0)
+        idx = tl.minimum(j, in_size - 1)
+    elif BICUBIC:
+        src = scale * (d + 0.5) - 0.5
+        fl = tl.floor(src)
+        t = src - fl
+        idx = tl.minimum(tl.maximum(fl.to(tl.int32) - 1 + k, 0), in_size - 1)
+        if k == 0:
+            w = _cubic2(t + 1.0, -0.75)
+        elif k == 1:
+            w = _cubic1(t, -0.75)
+        elif k == 2:
+            w = _cubic1(1.0 - t, -0.75)
+        else:
+            w = _cubic2(2.0 - t, -0.75)
+    else:
+        src = tl.maximum(scale * (d + 0.5) - 0.5, 0.0)
+        i0 = tl.minimum(src.to(tl.int32), in_size - 1)
+        lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+        if k == 0:
+            idx = i0
+            w = 1.0 - lam
+        else:
+            idx = i0 + (i0 < in_size - 1).to(tl.int32)
+            w = lam
+    return idx, w
+
+
+@triton.jit
+def _aa_total(dst, in_size, scale, K: tl.constexpr, BICUBIC: tl.constexpr):
+    total = tl.zeros(dst.shape, tl.float32)
+    for k in tl.static_range(K):
+        _, w = _tap(dst, k, in_size, scale, BICUBIC, True)
+        total += w
+    return tl.where(total == 0.0, 1.0, total)  # zero only off the image, where the value is unused
+
+
+@triton.jit
+def _transform_weight(q, r, size, scale):
+    """Weight with which resized index ``r`` reads source index ``q`` (bilinear, two taps)."""
+    i0, w0 = _tap(r, 0, size, scale, False, False)
+    i1, w1 = _tap(r, 1, size, scale, False, False)
+    return tl.where(i0 == q, w0, 0.0) + tl.where(i1 == q, w1, 0.0)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _canvas_value(
+    x_ptr, x_base, sxc, sxh, sxw, H, W, Y, X, valid, oy, ox, s, scale_h, scale_w, fill,
+    p_ptr, m_ptr, mean, std, S, cidx, cmask,
+    KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
+    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, PIXEL: tl.constexpr,
+):
+    """The normalized, prompted canvas (before the per-sample transform) at (Y, X), all channels."""
+    yi = Y - oy
+    xi = X - ox
+    inside = valid & (yi >= 0) & (yi < s) & (xi >= 0) & (xi < s)
+    lmask = inside[:, None] & cmask[None, :]
+    coff = cidx[None, :] * sxc
+    acc = tl.zeros([Y.shape[0], cidx.shape[0]], tl.float32)
+    for ky in tl.static_range(KH):
+        iy, wy = _tap(yi, ky, H, scale_h, Y_BICUBIC, Y_AA)
+        for kx in tl.static_range(KW):
+            ix, wx = _tap(xi, kx, W, scale_w, X_BICUBIC, X_AA)
+            v = tl.load(x_ptr + (x_base + iy * sxh + ix * sxw)[:, None] + coff, mask=lmask, other=0)
+            acc += (wy * wx)[:, None] * v.to(tl.float32)
+    if Y_AA:
+        acc = acc / _aa_total(yi, H, scale_h, KH, Y_BICUBIC)[:, None]
+    if X_AA:
+        acc = acc / _aa_total(xi, W, scale_w, KW, X_BICUBIC)[:, None]
+    if UINT8:
+        acc = acc / 255.0
+    z = tl.where(inside[:, None], acc, fill)
+    pix = Y * S + X
+    pmask = valid[:, None] & cmask[None, :]
+    p = tl.load(p_ptr + cidx[None, :] * (S * S) + pix[:, None], mask=pmask, other=0.0)
+    if HAS_MASK:
+        p = p * tl.load(m_ptr + pix, mask=valid, other=0.0)[:, None]
+    if PIXEL:
+        z = z + p
+    if HAS_MEAN:
+        z = z - mean[None, :]
+    if HAS_STD:
+        z = z / std[None, :]
+    if not PIXEL:
+        z = z + p
+    return z
+
+
+@triton.jit
+def _compose_fwd_kernel(
+    out_ptr, x_ptr, p_ptr, m_ptr, mean_ptr, std_ptr, t_ptr,
+    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+    H, W, S, s, oy, ox, scale_h, scale_w, fill,
+    C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
+    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, PIXEL: tl.constexpr, HAS_TRANSFORM: tl.constexpr,
+    OUT_NCHW: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
+    valid = pix < S * S
+    Y = pix // S
+    X = pix % S
+    cidx = tl.arange(0, CP)
+    cmask = cidx < C
+    mean = tl.load(mean_ptr + cidx, mask=cmask, other=0.0) if HAS_MEAN else tl.zeros([CP], tl.float32)
+    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    x_base = b * sxb
+    if HAS_TRANSFORM:
+        size = tl.load(t_ptr + b * 4)
+        ty = tl.load(t_ptr + b * 4 + 1)
+        tx = tl.load(t_ptr + b * 4 + 2)
+        flip = tl.load(t_ptr + b * 4 + 3)
+        scale_t = S.to(tl.float32) / size.to(tl.float32)
+        ry = Y - ty
+        rx = X - tx
+        placed = valid & (ry >= 0) & (ry < size) & (rx >= 0) & (rx < size)
+        y = tl.zeros([BLOCK, CP], tl.float32)
+        for ky in tl.static_range(2):
+            py, wy = _tap(ry, ky, S, scale_t, False, False)
+            for kx in tl.static_range(2):
+                px, wx = _tap(rx, kx, S, scale_t, False, False)
+                px = tl.where(flip != 0, S - 1 - px, px)
+                v = _canvas_value(
+                    x_ptr, x_base, sxc, sxh, sxw, H, W, py, px, placed, oy, ox, s, scale_h, scale_w, fill,
+                    p_ptr, m_ptr, mean, std, S, cidx, cmask, KH, KW, Y_BICUBIC, Y_AA, X_BICUBIC, X_AA,
+                    UINT8, HAS_MASK, HAS_MEAN, HAS_STD, PIXEL,
+                )
+                y += (wy * wx)[:, None] * v
+        background = (fill - mean) / std
+        y = tl.where(placed[:, None], y, background[None, :])
+    else:
+        y = _canvas_value(
+            x_ptr, x_base, sxc, sxh, sxw, H, W, Y, X, valid, oy, ox, s, scale_h, scale_w, fill,
+            p_ptr, m_ptr, mean, std, S, cidx, cmask, KH, KW, Y_BICUBIC, Y_AA, X_BICUBIC, X_AA,
+            UINT8, HAS_MASK, HAS_MEAN, HAS_STD, PIXEL,
+        )
+    if OUT_NCHW:
+        offs = b * sob + cidx[None, :] * soc + pix[:, None]
+    else:
+        offs = b * sob + cidx[None, :] * soc + (Y * soh + X * sow)[:, None]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _sample_grad(
+    go_ptr, b, sgb, sgc, sgh, sgw, t_ptr, Y, X, valid, S, cidx, cmask,
+    HAS_TRANSFORM: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr, CP: tl.constexpr,
+):
+    """Sample b's gradient with respect to the canvas before the transform, at (Y, X)."""
+    g_base = b * sgb
+    coff = cidx[None, :] * sgc
+    if HAS_TRANSFORM:
+        size = tl.load(t_ptr + b * 4)
+        ty = tl.load(t_ptr + b * 4 + 1)
+        tx = tl.load(t_ptr + b * 4 + 2)
+        flip = tl.load(t_ptr + b * 4 + 3)
+        scale_t = S.to(tl.float32) / size.to(tl.float32)
+        inv = size.to(tl.float32) / S.to(tl.float32)
+        qx = tl.where(flip != 0, S - 1 - X, X)
+        ylo = tl.maximum(tl.floor((Y.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32) - 1, 0)
+        xlo = tl.maximum(tl.floor((qx.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32) - 1, 0)
+        acc = tl.zeros([BLOCK, CP], tl.float32)
+        for jy in tl.static_range(KT):
+            ry = ylo + jy
+            wy = tl.where(ry < size, _transform_weight(Y, ry, S, scale_t), 0.0)
+            for jx in tl.static_range(KT):
+                rx = xlo + jx
+                w = wy * tl.where(rx < size, _transform_weight(qx, rx, S, scale_t), 0.0)
+                hit = valid & (w != 0.0)
+                v = tl.load(go_ptr + (g_base + (ty + ry) * sgh + (tx + rx) * sgw)[:, None] + coff,
+                            mask=hit[:, None] & cmask[None, :], other=0.0)
+                acc += w[:, None] * v.to(tl.float32)
+    else:
+        acc = tl.load(go_ptr + (g_base + Y * sgh + X * sgw)[:, None] + coff,
+                      mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _grad_scale(m_ptr, pix, valid, std, HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr):
+    """Per-element factor (mask over the region, 1/std in pixel space) as a [BLOCK, CP] tensor."""
+    f = 1.0 / std[None, :] if HAS_STD else tl.full([1, std.shape[0]], 1.0, tl.float32)
+    if HAS_MASK:
+        f = f * tl.load(m_ptr + pix, mask=valid, other=0.0)[:, None]
+    return f
+
+
+@triton.jit
+def _compose_bwd_norm_kernel(
+    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, sgb, sgc, sgh, sgw, S, n_tiles,
+    C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr, KT: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, L2: tl.constexpr,
+):
+    """Partial per-sample sums of g^2 (L2) or |g| (L1) over one tile of pixels."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pix = tile * BLOCK + tl.arange(0, BLOCK)
+    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
+    valid = pix < S * S
+    cidx = tl.arange(0, CP)
+    cmask = cidx < C
+    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    g = _sample_grad(go_ptr, b, sgb, sgc, sgh, sgw, t_ptr, pix // S, pix % S, valid, S, cidx, cmask,
+                     HAS_TRANSFORM, KT, BLOCK, CP)
+    g = g * _grad_scale(m_ptr, pix, valid, std, HAS_MASK, HAS_STD)
+    part = tl.sum(tl.sum(g * g if L2 else tl.abs(g), axis=1), axis=0)
+    tl.store(part_ptr + b * n_tiles + tile, part)
+
+
+@triton.jit
+def _compose_bwd_accum_kernel(
+    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, sgb, sgc, sgh, sgw, S, B, per_chunk,
+    C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr, KT: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_COEF: tl.constexpr,
+):
+    """One chunk of the batch: sum_b coef_b * g_b over a tile of pixels, for all channels."""
+    tile = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pix = tile * BLOCK + tl.arange(0, BLOCK)
+    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
+    valid = pix < S * S
+    Y = pix // S
+    X = pix % S
+    cidx = tl.arange(0, CP)
+    cmask = cidx < C
+    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK, CP], tl.float32)
+    b_start = chunk.to(tl.int64) * per_chunk
+    b_end = tl.minimum(b_start + per_chunk, B)
+    for b in range(b_start, b_end):
+        g = _sample_grad(go_ptr, b, sgb, sgc, sgh, sgw, t_ptr, Y, X, valid, S, cidx, cmask,
+                         HAS_TRANSFORM, KT, BLOCK, CP)
+        if HAS_COEF:
+            g = g * tl.load(coef_ptr + b)
+        acc += g
+    acc = acc * _grad_scale(m_ptr, pix, valid, std, HAS_MASK, HAS_STD)
+    offs = chunk.to(tl.int64) * (C * S * S) + cidx[None, :] * (S * S) + pix[:, None]
+    tl.store(part_ptr + offs, acc, mask=valid[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants.
+
+    Launchers build these, run them, and the ahead-of-time tier compiles them, so
+    the specializations checked there are the ones that run.
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def _axis(in_size: int, out_size: int, mode: str, antialias: bool) -> tuple[int, bool, bool]:
+    """(taps, bicubic, antialias) of one resize axis; an identity axis reads one tap."""
+    if in_size == out_size:
+        return 1, False, False
+    interp = 4 if mode == "bicubic" else 2
+    if antialias:
+        scale = in_size / out_size
+        support = interp * 0.5 * scale if scale >= 1.0 else interp * 0.5
+        return int(math.ceil(support)) * 2 + 1, mode == "bicubic", True
+    return interp, mode == "bicubic", False
+
+
+def _block(numel: int, block: int) -> int:
+    return min(block, triton.next_power_of_2(numel))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep the device busy: 4 per SM on a GPU, few under the interpreter."""
+    return 4 * _sm_count(device.index or 0) if device.type == "cuda" else 1
+
+
+def _dummy(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty(0, dtype=torch.float32)
+
+
+def forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+                   out: torch.Tensor) -> Launch:
+    """The forward launch writing ``out`` (B, C, S, S)."""
+    batch, channels, height, width = images.shape
+    size = layout.size
+    kh, y_bicubic, y_aa = _axis(height, layout.inner, mode, antialias)
+    kw, x_bicubic, x_aa = _axis(width, layout.inner, mode, antialias)
+    block = _block(size * size, BLOCK_FWD)
+    dummy = _dummy(images)
+    args = (
+        out, images, prompt, dummy if mask is None else mask, dummy if mean is None else mean,
+        dummy if std is None else std, dummy if transform is None else transform,
+        *images.stride(), *out.stride(),
+        height, width, size, layout.inner, layout.oy, layout.ox,
+        height / layout.inner, width / layout.inner, float(fill),
+    )
+    constexprs = dict(
+        C=channels, CP=triton.next_power_of_2(channels), BLOCK=block, KH=kh, KW=kw,
+        Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, UINT8=images.dtype == torch.uint8,
+        HAS_MASK=mask is not None, HAS_MEAN=mean is not None, HAS_STD=std is not None,
+        PIXEL=prompt_space == "pixel", HAS_TRANSFORM=transform is not None,
+        OUT_NCHW=out.is_contiguous(), num_warps=NUM_WARPS,
+    )
+    return Launch(_compose_fwd_kernel, (triton.cdiv(size * size, block), batch), args, constexprs)
+
+
+def compose_forward(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+                    out_dtype, memory_format, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the fused forward; ``out`` (optional) is written in place and returned."""
+    batch, channels = images.shape[:2]
+    if out is None:
+        out = _empty((batch, channels, layout.size, layout.size), dtype=out_dtype, device=images.device,
+                     memory_format=memory_format)
+    forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+                   out).run()
+    return out
+
+
+def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
+                      norm_part: torch.Tensor, coef: torch.Tensor, accum_part: torch.Tensor) -> list[Launch]:
+    """The backward launches: the per-sample norm pass (when ``grad_norm`` asks) and the accumulation."""
+    batch, channels, size, _ = grad_out.shape
+    block = _block(size * size, BLOCK_BWD)
+    n_tiles = triton.cdiv(size * size, block)
+    dummy = _dummy(grad_out)
+    use_mask = mask is not None and grad_region == "prompt"
+    use_std = std is not None and prompt_space == "pixel"
+    common = dict(C=channels, CP=triton.next_power_of_2(channels), BLOCK=block, KT=TRANSFORM_TAPS,
+                  HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None, num_warps=NUM_WARPS)
+    pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform)
+    launches = []
+    if grad_norm != "none":
+        launches.append(Launch(
+            _compose_bwd_norm_kernel, (n_tiles, batch),
+            (norm_part, grad_out, *pointers, *grad_out.stride(), size, n_tiles),
+            dict(common, L2=grad_norm == "sample_l2"),
+        ))
+    n_chunks = accum_part.shape[0]
+    launches.append(Launch(
+        _compose_bwd_accum_kernel, (n_tiles, n_chunks),
+        (accum_part, grad_out, coef, *pointers, *grad_out.stride(), size, batch, triton.cdiv(batch, n_chunks)),
+        dict(common, HAS_COEF=grad_norm != "none"),
+    ))
+    return launches
+
+
+def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
+                     eps: float) -> torch.Tensor:
+    """The prompt gradient (C, S, S) float32 for the batch rule ``grad_norm`` ("none", "sample_l2", "sample_l1")."""
+    batch, channels, size, _ = grad_out.shape
+    device = grad_out.device
+    n_tiles = triton.cdiv(size * size, _block(size * size, BLOCK_BWD))
+    n_chunks = max(1, min(batch, _programs_wanted(device) // n_tiles))
+    n_chunks = triton.cdiv(batch, triton.cdiv(batch, n_chunks))  # no empty chunks
+    norm_part = _empty((batch, n_tiles), dtype=torch.float32, device=device)
+    coef = _empty((batch,), dtype=torch.float32, device=device)
+    accum_part = _empty((n_chunks, channels, size, size), dtype=torch.float32, device=device)
+    *norm_pass, accum_pass = backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
+                                               grad_norm, norm_part, coef, accum_part)
+    for launch in norm_pass:
+        launch.run()
+        total = norm_part.sum(1)
+        scale = total.sqrt() if grad_norm == "sample_l2" else total / (channels * size * size)
+        torch.reciprocal((scale + eps) * batch, out=coef)
+    accum_pass.run()
+    return accum_part.sum(0) if n_chunks > 1 else accum_part[0]

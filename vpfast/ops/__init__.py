@@ -1,0 +1,5 @@
+"""vpfast ops: argument checks, references (the spec), torch.library registration and dispatch."""
+
+from vpfast.ops.compose import compose, compose_backward_reference, compose_reference
+
+__all__ = ["compose", "compose_reference", "compose_backward_reference"]

@@ -1,0 +1,360 @@
+"""compose: shrink + pad + prompt + normalize (+ per-sample transform) in one op.
+
+The op behind EVP and the pixel prompters (contract: DESIGN.md, "compose").
+This file holds the argument checks, the reference implementation (plain
+PyTorch: the specification and the CPU path), the ``torch.library``
+registration with fake and autograd, and the dispatch to the Triton kernels
+in ``vpfast.kernels.compose``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from vpfast.ops import _dispatch
+
+MODES = ("bilinear", "bicubic")
+PROMPT_SPACES = ("pixel", "normalized")
+GRAD_REGIONS = ("prompt", "canvas")
+GRAD_NORMS = (None, "sample_l2", "sample_l1")
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GRAD_NORM_EPS = 1e-12
+
+_dispatch.register_op("compose", {"cuda": ("triton",)})
+
+
+class Layout(NamedTuple):
+    """Geometry of the canvas: size S, inner size s and the inner image's offset."""
+
+    size: int
+    inner: int
+    oy: int
+    ox: int
+
+
+def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _channel_vector(name: str, value, channels: int, device: torch.device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    vec = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+    if vec.numel() != channels:
+        raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
+    return vec
+
+
+def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
+    """Raise if any row (size_b, ty_b, tx_b, flip_b) does not fit on an S x S canvas.
+
+    Reads the values: on a device tensor this synchronizes, so callers that draw
+    rows on the CPU (the prompters) check them there before the copy.
+    """
+    if transform.dim() != 2 or transform.shape != (batch, 4):
+        raise ValueError(f"transform must have shape ({batch}, 4) (size, ty, tx, flip per sample), "
+                         f"got {tuple(transform.shape)}")
+    if transform.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"transform must be int32 or int64, got {transform.dtype}")
+    t = transform.detach().cpu().long()
+    sizes, ty, tx, flip = t.unbind(1)
+    bad = (sizes < 1) | (sizes > size) | (ty < 0) | (tx < 0) | (ty + sizes > size) | (tx + sizes > size)
+    bad |= (flip != 0) & (flip != 1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"transform row {row} = {t[row].tolist()} is off the {size} x {size} canvas: "
+                         f"need 1 <= size <= {size}, ty, tx >= 0, ty + size <= {size}, tx + size <= {size}, "
+                         "flip in {0, 1}")
+
+
+def compose(
+    images: torch.Tensor,
+    prompt: torch.Tensor,
+    *,
+    inner_size: int,
+    offset: tuple[int, int] | None = None,
+    mask: torch.Tensor | None = None,
+    fill: float = 0.0,
+    mode: str = "bilinear",
+    antialias: bool = False,
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    prompt_space: str = "pixel",
+    transform: torch.Tensor | None = None,
+    grad_region: str = "prompt",
+    grad_norm: str | None = None,
+    out_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """Compose prompted, normalized canvases from a batch of images.
+
+    ``images`` (B, C, H, W) uint8 (0..255) or float (0..1), any strides; ``prompt``
+    (C, S, S) float32 (float64 runs the reference). Each image is resized to
+    ``inner_size`` x ``inner_size``, placed at ``offset`` (default centered) on an
+    S x S canvas filled with ``fill``, the prompt is added where ``mask`` is 1 (in
+    pixel or normalized space), the canvas is normalized by ``mean``/``std`` and,
+    if ``transform`` rows (size, ty, tx, flip) are given, each sample is flipped,
+    resized and placed on a fresh canvas. Gradients reach only the prompt, shaped
+    by ``grad_region`` and ``grad_norm``. Returns (B, C, S, S) in ``out_dtype``
+    (default: the prompt's dtype) and ``memory_format``.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a 4-d tensor (B, C, H, W), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if images.dtype not in IMAGE_DTYPES:
+        raise ValueError(f"images must have a dtype in {IMAGE_DTYPES}, got {images.dtype}")
+    batch, channels, _, _ = images.shape
+    if batch < 1 or images.shape[2] < 1 or images.shape[3] < 1:
+        raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 3 or prompt.shape[0] != channels \
+            or prompt.shape[1] != prompt.shape[2]:
+        raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
+                         f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
+    if prompt.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
+    if prompt.device != images.device:
+        raise ValueError(f"prompt is on {prompt.device} but images are on {images.device}")
+    size = prompt.shape[1]
+    if not 0 < inner_size <= size:
+        raise ValueError(f"inner_size must be in (0, {size}] (the canvas size S), got {inner_size}")
+    if offset is None:
+        offset = ((size - inner_size) // 2, (size - inner_size) // 2)
+    oy, ox = (int(v) for v in offset)
+    if not (0 <= oy <= size - inner_size and 0 <= ox <= size - inner_size):
+        raise ValueError(f"offset {tuple(offset)} puts the {inner_size} x {inner_size} image off the "
+                         f"{size} x {size} canvas: each must be in [0, {size - inner_size}]")
+    if mask is not None:
+        if mask.shape != (size, size):
+            raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
+        if mask.device != images.device:
+            raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
+        mask = mask.to(prompt.dtype)
+    _choice("mode", mode, MODES)
+    _choice("prompt_space", prompt_space, PROMPT_SPACES)
+    _choice("grad_region", grad_region, GRAD_REGIONS)
+    _choice("grad_norm", grad_norm, GRAD_NORMS)
+    mean_t = _channel_vector("mean", mean, channels, images.device)
+    std_t = _channel_vector("std", std, channels, images.device)
+    if std_t is not None and not torch.compiler.is_compiling() and bool((std_t == 0).any()):
+        raise ValueError(f"std must be non-zero, got {std_t.tolist()}")
+    if transform is not None:
+        if not torch.compiler.is_compiling():
+            check_transform(transform, batch, size)
+        transform = transform.to(device=images.device, dtype=torch.int32, non_blocking=True).contiguous()
+    if out_dtype is None:
+        out_dtype = prompt.dtype
+    _choice("out_dtype", out_dtype, OUT_DTYPES)
+    _choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
+    return torch.ops.vpfast.compose(
+        images, prompt, mask, mean_t, std_t, transform, inner_size, oy, ox, float(fill), mode, bool(antialias),
+        prompt_space, grad_region, grad_norm or "none", out_dtype, memory_format == torch.channels_last,
+    )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _normalize(t: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    if mean is not None:
+        t = t - mean.to(t.dtype).view(-1, 1, 1)
+    if std is not None:
+        t = t / std.to(t.dtype).view(-1, 1, 1)
+    return t
+
+
+def _normalized_fill(fill: float, channels: int, mean, std, dtype, device) -> torch.Tensor:
+    return _normalize(torch.full((channels, 1, 1), fill, dtype=dtype, device=device), mean, std)
+
+
+def compose_reference(
+    images: torch.Tensor,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+    transform: torch.Tensor | None,
+    layout: Layout,
+    fill: float = 0.0,
+    mode: str = "bilinear",
+    antialias: bool = False,
+    prompt_space: str = "pixel",
+) -> torch.Tensor:
+    """The forward specification (DESIGN.md compose steps 1-5), differentiable in every input.
+
+    Computes in float64 when the prompt is float64, else in float32; the caller casts.
+    """
+    dtype = torch.float64 if prompt.dtype == torch.float64 else torch.float32
+    x = images.to(dtype)
+    if images.dtype == torch.uint8:
+        x = x / 255
+    batch, channels, height, width = x.shape
+    size, s = layout.size, layout.inner
+    if (height, width) != (s, s):
+        x = F.interpolate(x, size=(s, s), mode=mode, align_corners=False, antialias=antialias)
+    canvas = torch.full((batch, channels, size, size), fill, dtype=dtype, device=x.device)
+    canvas[:, :, layout.oy:layout.oy + s, layout.ox:layout.ox + s] = x
+    visible = prompt.to(dtype) if mask is None else prompt.to(dtype) * mask.to(dtype)
+    if prompt_space == "pixel":
+        y = _normalize(canvas + visible, mean, std)
+    else:
+        y = _normalize(canvas, mean, std) + visible
+    if transform is None:
+        return y
+    background = _normalized_fill(fill, channels, mean, std, dtype, x.device)
+    rows = []
+    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
+        yb = y[b:b + 1].flip(-1) if flip else y[b:b + 1]
+        if sz != size:
+            yb = F.interpolate(yb, size=(sz, sz), mode="bilinear", align_corners=False)
+        canvas_b = background.expand(1, channels, size, size).clone()
+        canvas_b[:, :, ty:ty + sz, tx:tx + sz] = yb
+        rows.append(canvas_b)
+    return torch.cat(rows)
+
+
+def _resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) weights of a 1-d bilinear resize, read off F.interpolate of an identity image."""
+    eye = torch.eye(n_in, dtype=dtype, device=device).view(1, 1, n_in, n_in)
+    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+
+
+def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to the canvas before the per-sample transform (its transpose)."""
+    size = grad.shape[-1]
+    out = torch.empty_like(grad)
+    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
+        g = grad[b, :, ty:ty + sz, tx:tx + sz]
+        if sz != size:
+            r = _resize_matrix(size, sz, grad.dtype, grad.device)
+            g = r.T @ g @ r
+        out[b] = g.flip(-1) if flip else g
+    return out
+
+
+def compose_backward_reference(
+    grad_out: torch.Tensor,
+    mask: torch.Tensor | None,
+    std: torch.Tensor | None,
+    transform: torch.Tensor | None,
+    prompt_space: str,
+    grad_region: str,
+    grad_norm: str | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The prompt gradient specification: per-sample gradients over the region, then the batch rule."""
+    g = grad_out.to(dtype)
+    if transform is not None:
+        g = transform_adjoint(g, transform)
+    if prompt_space == "pixel" and std is not None:
+        g = g / std.to(dtype).view(-1, 1, 1)
+    if grad_region == "prompt" and mask is not None:
+        g = g * mask.to(dtype)
+    if grad_norm in (None, "none"):
+        return g.sum(0)
+    flat = g.flatten(1)
+    scale = flat.norm(dim=1) if grad_norm == "sample_l2" else flat.abs().mean(dim=1)
+    return (g / (scale + GRAD_NORM_EPS).view(-1, 1, 1, 1)).sum(0) / g.shape[0]
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _triton_kernels(device: torch.device, dtype: torch.dtype):
+    """The Triton launchers when dispatch picks them for this call, else None (the reference runs)."""
+    if _dispatch.choose("compose", device) != "triton":
+        return None
+    if dtype != torch.float32:
+        _dispatch.warn_once(f"compose:{dtype}", f"vpfast: compose with a {dtype} prompt runs the reference "
+                                                "(the Triton kernels compute in float32)")
+        return None
+    from vpfast.kernels import compose as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("vpfast::compose", mutates_args=())
+def _compose_op(
+    images: torch.Tensor,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+    transform: torch.Tensor | None,
+    inner_size: int,
+    oy: int,
+    ox: int,
+    fill: float,
+    mode: str,
+    antialias: bool,
+    prompt_space: str,
+    grad_region: str,
+    grad_norm: str,
+    out_dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    layout = Layout(prompt.shape[-1], inner_size, oy, ox)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    kernels = _triton_kernels(images.device, prompt.dtype)
+    if kernels is not None:
+        return kernels.compose_forward(
+            images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+            out_dtype, memory_format,
+        )
+    y = compose_reference(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space)
+    return y.to(dtype=out_dtype, memory_format=memory_format)
+
+
+@_compose_op.register_fake
+def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
+                  prompt_space, grad_region, grad_norm, out_dtype, channels_last):
+    size = prompt.shape[-1]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return images.new_empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype,
+                            memory_format=memory_format)
+
+
+@torch.library.custom_op("vpfast::compose_backward", mutates_args=())
+def _compose_backward_op(
+    grad_out: torch.Tensor,
+    mask: torch.Tensor | None,
+    std: torch.Tensor | None,
+    transform: torch.Tensor | None,
+    prompt_space: str,
+    grad_region: str,
+    grad_norm: str,
+    prompt_dtype: torch.dtype,
+) -> torch.Tensor:
+    kernels = _triton_kernels(grad_out.device, prompt_dtype)
+    if kernels is not None:
+        return kernels.compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
+                                        GRAD_NORM_EPS)
+    return compose_backward_reference(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
+                                      prompt_dtype)
+
+
+@_compose_backward_op.register_fake
+def _compose_backward_fake(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
+    return grad_out.new_empty(grad_out.shape[1:], dtype=prompt_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, prompt, mask, _, std, transform, *_, prompt_space, grad_region, grad_norm, _, _ = inputs
+    ctx.save_for_backward(mask, std, transform)
+    ctx.options = (prompt_space, grad_region, grad_norm, prompt.dtype)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    mask, std, transform = ctx.saved_tensors
+    grad_prompt = None
+    if ctx.needs_input_grad[1]:
+        grad_prompt = torch.ops.vpfast.compose_backward(grad, mask, std, transform, *ctx.options)
+    return (None, grad_prompt) + (None,) * 15
+
+
+_compose_op.register_autograd(_backward, setup_context=_setup_context)
