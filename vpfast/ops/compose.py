@@ -315,8 +315,8 @@ def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox
                   prompt_space, grad_region, grad_norm, out_dtype, channels_last):
     size = prompt.shape[-1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return images.new_empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype,
-                            memory_format=memory_format)
+    return torch.empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype, device=images.device,
+                       memory_format=memory_format)
 
 
 @torch.library.custom_op("vpfast::compose_backward", mutates_args=())
