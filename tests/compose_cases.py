@@ -95,3 +95,55 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, computed in float64."""
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+def check_forward(case: Case, device: str, seed: int) -> None:
+    """The op (with whatever backend the test forces) against the float32 and float64 references."""
+    import vpfast
+
+    images, prompt, kwargs = make_inputs(case, device, seed)
+    out = vpfast.ops.compose(images, prompt, **kwargs)
+    ref32 = compose_reference_for(images, prompt, kwargs, torch.float32)
+    ref64 = compose_reference_for(images, prompt, kwargs, torch.float64)
+    out_dtype = case.out_dtype or torch.float32
+    memory_format = torch.channels_last if case.channels_last_out else torch.contiguous_format
+    assert out.dtype == out_dtype and out.shape == ref32.shape
+    assert out.is_contiguous(memory_format=memory_format)
+    assert not out.isnan().any(), "unwritten (poisoned) output elements"
+    if out_dtype == torch.float32:
+        assert rel_err(out, ref32) < 1e-5
+    else:  # no worse than twice eager PyTorch's own error in that dtype, both against float64
+        assert rel_l2(out, ref64) <= 2 * rel_l2(ref32.to(out_dtype), ref64)
+
+
+def compose_reference_for(images, prompt, kwargs, dtype):
+    from vpfast.ops.compose import compose_reference
+
+    return compose_reference(*reference_args(images, prompt.to(dtype), kwargs))
+
+
+def check_backward(case: Case, device: str, seed: int, grad_region: str, grad_norm: str | None,
+                   grad_dtype=torch.float32, grad_layout: str = "contiguous") -> None:
+    """The backward op (forced backend) against the float64 reference backward."""
+    from vpfast.ops.compose import compose_backward_reference
+
+    _, prompt, kwargs = make_inputs(case, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(case.batch, 3, case.size, case.size, generator=g).to(grad_dtype)
+    if grad_layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    elif grad_layout == "transposed":
+        grad_out = grad_out.transpose(2, 3).contiguous().transpose(2, 3)
+    grad_out = grad_out.to(device)
+    args = (kwargs.get("mask"), kwargs.get("std"), kwargs.get("transform"), case.prompt_space, grad_region)
+    got = torch.ops.vpfast.compose_backward(grad_out, *args, grad_norm or "none", torch.float32)
+    expected = compose_backward_reference(grad_out, *args, grad_norm, torch.float64)
+    assert got.dtype == torch.float32 and got.shape == prompt.shape
+    assert not got.isnan().any(), "unwritten (poisoned) gradient elements"
+    assert rel_err(got, expected) < 1e-5
