@@ -42,20 +42,29 @@ def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _channel_vector(name: str, value, channels: int, device: torch.device) -> torch.Tensor | None:
+def _channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
     if value is None:
         return None
-    vec = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+    vec = torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    return vec
+    if vec.device != device and vec.device.type != "cpu":
+        raise ValueError(f"{name} is on {vec.device} but images are on {device}")
+    if nonzero and _host_values(vec) and bool((vec == 0).any()):
+        raise ValueError(f"{name} must be non-zero, got {vec.tolist()}")
+    return vec.to(device, non_blocking=True)
+
+
+def _host_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be checked without a device sync (compose never synchronizes)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
     """Raise if any row (size_b, ty_b, tx_b, flip_b) does not fit on an S x S canvas.
 
-    Reads the values: on a device tensor this synchronizes, so callers that draw
-    rows on the CPU (the prompters) check them there before the copy.
+    compose calls it for rows given on the CPU; rows already on the device are not
+    inspected (that would synchronize), so callers that draw them on the device check them.
     """
     if transform.dim() != 2 or transform.shape != (batch, 4):
         raise ValueError(f"transform must have shape ({batch}, 4) (size, ty, tx, flip per sample), "
@@ -103,6 +112,9 @@ def compose(
     resized and placed on a fresh canvas. Gradients reach only the prompt, shaped
     by ``grad_region`` and ``grad_norm``. Returns (B, C, S, S) in ``out_dtype``
     (default: the prompt's dtype) and ``memory_format``.
+
+    compose never synchronizes with the device: values given on the CPU (std,
+    transform rows) are checked, values already on the device are not.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-d tensor (B, C, H, W), got "
@@ -140,11 +152,11 @@ def compose(
     _choice("grad_region", grad_region, GRAD_REGIONS)
     _choice("grad_norm", grad_norm, GRAD_NORMS)
     mean_t = _channel_vector("mean", mean, channels, images.device)
-    std_t = _channel_vector("std", std, channels, images.device)
-    if std_t is not None and not torch.compiler.is_compiling() and bool((std_t == 0).any()):
-        raise ValueError(f"std must be non-zero, got {std_t.tolist()}")
+    std_t = _channel_vector("std", std, channels, images.device, nonzero=True)
     if transform is not None:
-        if not torch.compiler.is_compiling():
+        if transform.device != images.device and transform.device.type != "cpu":
+            raise ValueError(f"transform is on {transform.device} but images are on {images.device}")
+        if _host_values(transform):
             check_transform(transform, batch, size)
         transform = transform.to(device=images.device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
