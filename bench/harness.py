@@ -1,0 +1,81 @@
+"""Timing, bandwidth and result files shared by the benchmark suites.
+
+GPU: CUDA-event medians (triton.testing.do_bench), logical bytes, GB/s and the
+percentage of the device bandwidth measured here (a large device-to-device
+copy, bytes read plus written). CPU: each case runs once as a smoke test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def median_ms(fn) -> float:
+    """Median milliseconds per call: CUDA events on a GPU, one timed call on the CPU (smoke)."""
+    if on_gpu():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+@functools.cache
+def device_bandwidth_gbs() -> float | None:
+    """Measured device memory bandwidth: a 1 GiB device-to-device copy (read + write bytes)."""
+    if not on_gpu():
+        return None
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def throughput(ms: float, nbytes: int) -> dict:
+    """Logical bytes, GB/s and percent of measured bandwidth for one timing."""
+    gbs = nbytes / ms / 1e6
+    peak = device_bandwidth_gbs()
+    return {"median_ms": ms, "bytes": nbytes, "gb_per_s": gbs,
+            "pct_of_measured_bw": 100 * gbs / peak if peak else None}
+
+
+def metadata() -> dict:
+    import triton
+
+    import vpfast
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "device": torch.cuda.get_device_name() if on_gpu() else platform.processor() or "cpu",
+        "measured_bandwidth_gb_per_s": device_bandwidth_gbs(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "vpfast": vpfast.__version__, "commit": commit, "python": platform.python_version(),
+    }
+
+
+def save(suite: str, rows: list[dict]) -> Path:
+    """Write ``bench/results/<suite>-<device>.json`` with the metadata and one row per case."""
+    meta = metadata()
+    slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")
+    path = RESULTS / f"{suite}-{slug}.json"
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return path
