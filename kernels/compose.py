@@ -21,9 +21,11 @@ import triton.language as tl
 
 _empty = torch.empty  # every allocation goes through here, so tests can poison it
 
-BLOCK_FWD = 1024
-BLOCK_BWD = 1024
 NUM_WARPS = 4
+PROGRAMS_PER_SM = 4  # occupancy the launchers assume; the aot tier checks registers against it
+# Pixels per program, by (direction, per-sample transform): sized so each kernel stays within
+# 65536 / (PROGRAMS_PER_SM * NUM_WARPS * 32) = 128 registers per thread with no spills.
+BLOCKS = {("forward", False): 256, ("forward", True): 128, ("backward", False): 1024, ("backward", True): 128}
 TRANSFORM_TAPS = 5  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
 
 
@@ -51,8 +53,8 @@ def _aa_filter(t, BICUBIC: tl.constexpr):
 
 
 @triton.jit
-def _tap(dst, k: tl.constexpr, in_size, scale, BICUBIC: tl.constexpr, AA: tl.constexpr):
-    """Input index and weight of tap ``k`` for output index ``dst`` along one axis.
+def _tap(dst, k, in_size, scale, BICUBIC: tl.constexpr, AA: tl.constexpr):
+    """Input index and weight of tap ``k`` (a runtime value) for output index ``dst`` along one axis.
 
     Antialiased weights are not normalized here: divide by ``_aa_total``.
     """
@@ -70,33 +72,22 @@ def _tap(dst, k: tl.constexpr, in_size, scale, BICUBIC: tl.constexpr, AA: tl.con
     elif BICUBIC:
         src = scale * (d + 0.5) - 0.5
         fl = tl.floor(src)
-        t = src - fl
+        t = tl.abs(src - fl + 1.0 - k)  # distance from the tap at floor(src) - 1 + k
         idx = tl.minimum(tl.maximum(fl.to(tl.int32) - 1 + k, 0), in_size - 1)
-        if k == 0:
-            w = _cubic2(t + 1.0, -0.75)
-        elif k == 1:
-            w = _cubic1(t, -0.75)
-        elif k == 2:
-            w = _cubic1(1.0 - t, -0.75)
-        else:
-            w = _cubic2(2.0 - t, -0.75)
+        w = tl.where(t < 1.0, _cubic1(t, -0.75), tl.where(t < 2.0, _cubic2(t, -0.75), 0.0))
     else:
         src = tl.maximum(scale * (d + 0.5) - 0.5, 0.0)
         i0 = tl.minimum(src.to(tl.int32), in_size - 1)
         lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-        if k == 0:
-            idx = i0
-            w = 1.0 - lam
-        else:
-            idx = i0 + (i0 < in_size - 1).to(tl.int32)
-            w = lam
+        idx = tl.where(k == 0, i0, i0 + (i0 < in_size - 1).to(tl.int32))
+        w = tl.where(k == 0, 1.0 - lam, lam)
     return idx, w
 
 
 @triton.jit
 def _aa_total(dst, in_size, scale, K: tl.constexpr, BICUBIC: tl.constexpr):
     total = tl.zeros(dst.shape, tl.float32)
-    for k in tl.static_range(K):
+    for k in range(K):
         _, w = _tap(dst, k, in_size, scale, BICUBIC, True)
         total += w
     return tl.where(total == 0.0, 1.0, total)  # zero only off the image, where the value is unused
@@ -128,9 +119,9 @@ def _canvas_value(
     lmask = inside[:, None] & cmask[None, :]
     coff = cidx[None, :] * sxc
     acc = tl.zeros([Y.shape[0], cidx.shape[0]], tl.float32)
-    for ky in tl.static_range(KH):
+    for ky in range(KH):
         iy, wy = _tap(yi, ky, H, scale_h, Y_BICUBIC, Y_AA)
-        for kx in tl.static_range(KW):
+        for kx in range(KW):
             ix, wx = _tap(xi, kx, W, scale_w, X_BICUBIC, X_AA)
             v = tl.load(x_ptr + (x_base + iy * sxh + ix * sxw)[:, None] + coff, mask=lmask, other=0)
             acc += (wy * wx)[:, None] * v.to(tl.float32)
@@ -189,17 +180,16 @@ def _compose_fwd_kernel(
         rx = X - tx
         placed = valid & (ry >= 0) & (ry < size) & (rx >= 0) & (rx < size)
         y = tl.zeros([BLOCK, CP], tl.float32)
-        for ky in tl.static_range(2):
-            py, wy = _tap(ry, ky, S, scale_t, False, False)
-            for kx in tl.static_range(2):
-                px, wx = _tap(rx, kx, S, scale_t, False, False)
-                px = tl.where(flip != 0, S - 1 - px, px)
-                v = _canvas_value(
-                    x_ptr, x_base, sxc, sxh, sxw, H, W, py, px, placed, oy, ox, s, scale_h, scale_w, fill,
-                    p_ptr, m_ptr, mean, std, S, cidx, cmask, KH, KW, Y_BICUBIC, Y_AA, X_BICUBIC, X_AA,
-                    UINT8, HAS_MASK, HAS_MEAN, HAS_STD, PIXEL,
-                )
-                y += (wy * wx)[:, None] * v
+        for corner in range(4):  # the bilinear corners, a runtime loop to keep register use down
+            py, wy = _tap(ry, corner // 2, S, scale_t, False, False)
+            px, wx = _tap(rx, corner % 2, S, scale_t, False, False)
+            px = tl.where(flip != 0, S - 1 - px, px)
+            v = _canvas_value(
+                x_ptr, x_base, sxc, sxh, sxw, H, W, py, px, placed, oy, ox, s, scale_h, scale_w, fill,
+                p_ptr, m_ptr, mean, std, S, cidx, cmask, KH, KW, Y_BICUBIC, Y_AA, X_BICUBIC, X_AA,
+                UINT8, HAS_MASK, HAS_MEAN, HAS_STD, PIXEL,
+            )
+            y += (wy * wx)[:, None] * v
         background = (fill - mean) / std
         y = tl.where(placed[:, None], y, background[None, :])
     else:
@@ -237,10 +227,10 @@ def _sample_grad(
         ylo = tl.maximum(tl.floor((Y.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32) - 1, 0)
         xlo = tl.maximum(tl.floor((qx.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32) - 1, 0)
         acc = tl.zeros([BLOCK, CP], tl.float32)
-        for jy in tl.static_range(KT):
+        for jy in range(KT):
             ry = ylo + jy
             wy = tl.where(ry < size, _transform_weight(Y, ry, S, scale_t), 0.0)
-            for jx in tl.static_range(KT):
+            for jx in range(KT):
                 rx = xlo + jx
                 w = wy * tl.where(rx < size, _transform_weight(qx, rx, S, scale_t), 0.0)
                 hit = valid & (w != 0.0)
@@ -356,8 +346,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def _programs_wanted(device: torch.device) -> int:
-    """Programs that keep the device busy: 4 per SM on a GPU, few under the interpreter."""
-    return 4 * _sm_count(device.index or 0) if device.type == "cuda" else 1
+    """Programs that keep the device busy: PROGRAMS_PER_SM per SM on a GPU, one under the interpreter."""
+    return PROGRAMS_PER_SM * _sm_count(device.index or 0) if device.type == "cuda" else 1
 
 
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
@@ -371,7 +361,7 @@ def forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mod
     size = layout.size
     kh, y_bicubic, y_aa = _axis(height, layout.inner, mode, antialias)
     kw, x_bicubic, x_aa = _axis(width, layout.inner, mode, antialias)
-    block = _block(size * size, BLOCK_FWD)
+    block = _block(size * size, BLOCKS["forward", transform is not None])
     dummy = _dummy(images)
     args = (
         out, images, prompt, dummy if mask is None else mask, dummy if mean is None else mean,
@@ -406,7 +396,7 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
                       norm_part: torch.Tensor, coef: torch.Tensor, accum_part: torch.Tensor) -> list[Launch]:
     """The backward launches: the per-sample norm pass (when ``grad_norm`` asks) and the accumulation."""
     batch, channels, size, _ = grad_out.shape
-    block = _block(size * size, BLOCK_BWD)
+    block = _block(size * size, BLOCKS["backward", transform is not None])
     n_tiles = triton.cdiv(size * size, block)
     dummy = _dummy(grad_out)
     use_mask = mask is not None and grad_region == "prompt"
@@ -435,7 +425,7 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
     """The prompt gradient (C, S, S) float32 for the batch rule ``grad_norm`` ("none", "sample_l2", "sample_l1")."""
     batch, channels, size, _ = grad_out.shape
     device = grad_out.device
-    n_tiles = triton.cdiv(size * size, _block(size * size, BLOCK_BWD))
+    n_tiles = triton.cdiv(size * size, _block(size * size, BLOCKS["backward", transform is not None]))
     n_chunks = max(1, min(batch, _programs_wanted(device) // n_tiles))
     n_chunks = triton.cdiv(batch, triton.cdiv(batch, n_chunks))  # no empty chunks
     norm_part = _empty((batch, n_tiles), dtype=torch.float32, device=device)

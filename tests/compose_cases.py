@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -103,6 +104,18 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
+def cast_like_triton(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 -> dtype as the Triton kernels round it here.
+
+    On a GPU that is round-to-nearest-even, as torch does. Triton's interpreter
+    (triton 3.8) truncates float32 -> bfloat16 instead, whatever rounding mode
+    the kernel asks for; under it the eager baseline is truncated the same way.
+    """
+    if dtype == torch.bfloat16 and t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return t.to(dtype)
+
+
 def check_forward(case: Case, device: str, seed: int) -> None:
     """The op (with whatever backend the test forces) against the float32 and float64 references."""
     import vpfast
@@ -119,7 +132,7 @@ def check_forward(case: Case, device: str, seed: int) -> None:
     if out_dtype == torch.float32:
         assert rel_err(out, ref32) < 1e-5
     else:  # no worse than twice eager PyTorch's own error in that dtype, both against float64
-        assert rel_l2(out, ref64) <= 2 * rel_l2(ref32.to(out_dtype), ref64)
+        assert rel_l2(out, ref64) <= 2 * rel_l2(cast_like_triton(ref32, out_dtype), ref64)
 
 
 def compose_reference_for(images, prompt, kwargs, dtype):

@@ -70,7 +70,8 @@ def independent_forward(images, prompt, kwargs) -> np.ndarray:
     size, inner = prompt.shape[-1], kwargs["inner_size"]
     oy, ox = kwargs["offset"] or ((size - inner) // 2,) * 2
     mode, aa = kwargs["mode"], kwargs["antialias"]
-    r = np.einsum("yh,bchw,xw->bcyx", resize_weights(height, inner, mode, aa), x, resize_weights(width, inner, mode, aa))
+    wy, wx = resize_weights(height, inner, mode, aa), resize_weights(width, inner, mode, aa)
+    r = np.einsum("yh,bchw,xw->bcyx", wy, x, wx)
     canvas = np.full((batch, channels, size, size), kwargs["fill"])
     canvas[:, :, oy:oy + inner, ox:ox + inner] = r
     p = prompt.double().numpy()

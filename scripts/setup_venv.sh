@@ -1,0 +1,28 @@
+# Sourced by scripts/test.sh and scripts/quickstart.sh: create (or reuse) the venv and install vpfast.
+#
+#   setup_venv EXTRAS    EXTRAS like "test,clip", or "" for none
+#
+# The venv is $VENV (default .venv), made with $PYTHON (default python3); afterwards $PY is its
+# python and its bin/ leads PATH. The extension gets CUDA kernels (for TORCH_CUDA_ARCH_LIST,
+# default 9.0) when $CUDA_HOME/bin/nvcc exists (default /usr/local/cuda), else it is CPU-only.
+
+setup_venv() {
+  local extras="$1"
+  VENV="${VENV:-.venv}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$VENV"
+  fi
+  PY="$VENV/bin/python"
+  local bin
+  bin="$(cd "$VENV/bin" && pwd)"
+  export PATH="$bin:$PATH"
+  "$PY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "setuptools>=64" wheel
+  command -v ninja >/dev/null || "$PY" -m pip install --quiet ninja
+  local cuda_home="${CUDA_HOME:-/usr/local/cuda}"
+  if [ -x "$cuda_home/bin/nvcc" ]; then
+    export CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  else
+    echo "setup_venv: no nvcc under $cuda_home, building vpfast without CUDA kernels" >&2
+  fi
+  "$PY" -m pip install --quiet --no-build-isolation -e ".${extras:+[$extras]}"
+}
