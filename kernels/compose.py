@@ -13,19 +13,31 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import AotCase, Launch
+
 _empty = torch.empty  # every allocation goes through here, so tests can poison it
 
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4  # occupancy the launchers assume; the aot tier checks registers against it
-# Pixels per program, by (direction, per-sample transform): sized so each kernel stays within
-# 65536 / (PROGRAMS_PER_SM * NUM_WARPS * 32) = 128 registers per thread with no spills.
-BLOCKS = {("forward", False): 256, ("forward", True): 128, ("backward", False): 1024, ("backward", True): 128}
+
+
+def blocks(capability: int) -> dict[tuple[str, bool], int]:
+    """Pixels per program by (direction, per-sample transform) on a GPU of compute capability ``capability``.
+
+    Sized so every kernel fits 65536 / (PROGRAMS_PER_SM * NUM_WARPS * 32) = 128 registers per thread
+    without spills (the aot tier checks it). The plain forward writes 8 bf16 pixels (128 bits) per
+    thread at 256 pixels on sm_90; sm_80's code needs 168 registers for that, so it takes 128 (64-bit
+    bf16 stores).
+    """
+    forward = 256 if capability >= 90 else 128
+    return {("forward", False): forward, ("forward", True): 128, ("backward", False): 1024, ("backward", True): 128}
+
+
 TRANSFORM_TAPS = 5  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
 
 
@@ -308,22 +320,6 @@ def _compose_bwd_accum_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-class Launch(NamedTuple):
-    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants.
-
-    Launchers build these, run them, and the ahead-of-time tier compiles them, so
-    the specializations checked there are the ones that run.
-    """
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: tuple
-    constexprs: dict
-
-    def run(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs)
-
-
 def _axis(in_size: int, out_size: int, mode: str, antialias: bool) -> tuple[int, bool, bool]:
     """(taps, bicubic, antialias) of one resize axis; an identity axis reads one tap."""
     if in_size == out_size:
@@ -345,6 +341,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def device_capability(device: torch.device) -> int:
+    """Compute capability as an int (90 for sm_90); the interpreter runs the sm_90 configuration."""
+    return _capability(device.index or 0) if device.type == "cuda" else 90
+
+
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep the device busy: PROGRAMS_PER_SM per SM on a GPU, one under the interpreter."""
     return PROGRAMS_PER_SM * _sm_count(device.index or 0) if device.type == "cuda" else 1
@@ -354,21 +361,21 @@ def _dummy(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty(0, dtype=torch.float32)
 
 
-def forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
-                   out: torch.Tensor) -> Launch:
-    """The forward launch writing ``out`` (B, C, S, S)."""
+def forward_launch(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
+                   out: torch.Tensor, capability: int | None = None) -> Launch:
+    """The forward launch writing ``out`` (B, C, S, S); the image is resized to ``inner`` at (oy, ox)."""
     batch, channels, height, width = images.shape
-    size = layout.size
-    kh, y_bicubic, y_aa = _axis(height, layout.inner, mode, antialias)
-    kw, x_bicubic, x_aa = _axis(width, layout.inner, mode, antialias)
-    block = _block(size * size, BLOCKS["forward", transform is not None])
+    size = prompt.shape[-1]
+    kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
+    kw, x_bicubic, x_aa = _axis(width, inner, mode, antialias)
+    capability = device_capability(out.device) if capability is None else capability
+    block = _block(size * size, blocks(capability)["forward", transform is not None])
     dummy = _dummy(images)
     args = (
         out, images, prompt, dummy if mask is None else mask, dummy if mean is None else mean,
         dummy if std is None else std, dummy if transform is None else transform,
         *images.stride(), *out.stride(),
-        height, width, size, layout.inner, layout.oy, layout.ox,
-        height / layout.inner, width / layout.inner, float(fill),
+        height, width, size, inner, oy, ox, height / inner, width / inner, float(fill),
     )
     constexprs = dict(
         C=channels, CP=triton.next_power_of_2(channels), BLOCK=block, KH=kh, KW=kw,
@@ -380,23 +387,24 @@ def forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mod
     return Launch(_compose_fwd_kernel, (triton.cdiv(size * size, block), batch), args, constexprs)
 
 
-def compose_forward(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
-                    out_dtype, memory_format, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the fused forward; ``out`` (optional) is written in place and returned."""
-    batch, channels = images.shape[:2]
-    if out is None:
-        out = _empty((batch, channels, layout.size, layout.size), dtype=out_dtype, device=images.device,
-                     memory_format=memory_format)
-    forward_launch(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+def compose_forward(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
+                    out_dtype, memory_format) -> torch.Tensor:
+    """Run the fused forward into a new (B, C, S, S) tensor of ``out_dtype`` and ``memory_format``."""
+    size = prompt.shape[-1]
+    out = _empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype, device=images.device,
+                 memory_format=memory_format)
+    forward_launch(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
                    out).run()
     return out
 
 
 def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
-                      norm_part: torch.Tensor, coef: torch.Tensor, accum_part: torch.Tensor) -> list[Launch]:
+                      norm_part: torch.Tensor, coef: torch.Tensor, accum_part: torch.Tensor,
+                      capability: int | None = None) -> list[Launch]:
     """The backward launches: the per-sample norm pass (when ``grad_norm`` asks) and the accumulation."""
     batch, channels, size, _ = grad_out.shape
-    block = _block(size * size, BLOCKS["backward", transform is not None])
+    capability = device_capability(grad_out.device) if capability is None else capability
+    block = _block(size * size, blocks(capability)["backward", transform is not None])
     n_tiles = triton.cdiv(size * size, block)
     dummy = _dummy(grad_out)
     use_mask = mask is not None and grad_region == "prompt"
@@ -425,7 +433,8 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
     """The prompt gradient (C, S, S) float32 for the batch rule ``grad_norm`` ("none", "sample_l2", "sample_l1")."""
     batch, channels, size, _ = grad_out.shape
     device = grad_out.device
-    n_tiles = triton.cdiv(size * size, _block(size * size, BLOCKS["backward", transform is not None]))
+    n_tiles = triton.cdiv(size * size, _block(size * size, blocks(device_capability(device))["backward",
+                                                                                          transform is not None]))
     n_chunks = max(1, min(batch, _programs_wanted(device) // n_tiles))
     n_chunks = triton.cdiv(batch, triton.cdiv(batch, n_chunks))  # no empty chunks
     norm_part = _empty((batch, n_tiles), dtype=torch.float32, device=device)
@@ -440,3 +449,48 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
         torch.reciprocal((scale + eps) * batch, out=coef)
     accum_pass.run()
     return accum_part.sum(0) if n_chunks > 1 else accum_part[0]
+
+
+def aot_cases(capability: int) -> list[AotCase]:
+    """The launches the ahead-of-time tier compiles for ``capability``: EVP geometry, built by the real launchers.
+
+    Batch 2 stands for any batch: it only changes the grid, not the specialization.
+    """
+    size, inner, pad, batch = 224, 164, 30, 2
+    u8 = torch.empty(batch, 3, 224, 224, dtype=torch.uint8)
+    crop = torch.empty(batch, 3, 230, 230)[:, :, 3:227, 3:227]  # a view: no 16-byte alignment
+    prompt, mask, vec = torch.empty(3, size, size), torch.empty(size, size), torch.empty(3)
+    rows = torch.empty(batch, 4, dtype=torch.int32)
+
+    def out(dtype, memory_format=torch.contiguous_format):
+        return torch.empty(batch, 3, size, size, dtype=dtype, memory_format=memory_format)
+
+    def fwd(images, transform, mode, antialias, space, o, inner_size=inner, offset=pad):
+        return forward_launch(images, prompt, mask, vec, vec, transform, inner_size, offset, offset, 0.0, mode,
+                              antialias, space, o, capability)
+
+    cases = [
+        AotCase("fwd u8->bf16 bilinear", fwd(u8, None, "bilinear", False, "pixel", out(torch.bfloat16)),
+                128 if capability >= 90 else 64),
+        AotCase("fwd f32 crop->f32 bicubic-aa", fwd(crop, None, "bicubic", True, "pixel", out(torch.float32)), 128),
+        AotCase("fwd u8->bf16 channels_last", fwd(u8.contiguous(memory_format=torch.channels_last), None,
+                                                  "bilinear", False, "pixel", out(torch.bfloat16, torch.channels_last)),
+                notes="channels_last output: per-channel stores are strided"),
+        AotCase("fwd u8->bf16 bilinear transform", fwd(u8, rows, "bilinear", False, "pixel", out(torch.bfloat16)), 64),
+        AotCase("fwd f32->f32 pad prompter", fwd(torch.empty(batch, 3, size, size), None, "bilinear", False,
+                                                 "normalized", out(torch.float32), size, 0), 128),
+    ]
+    grads = {"bf16": out(torch.bfloat16), "f32 channels_last": out(torch.float32, torch.channels_last)}
+    for grad_name, grad in grads.items():
+        for transform in (None, rows):
+            for grad_norm in ("none", "sample_l2"):
+                launches = backward_launches(grad, mask, vec, transform, "pixel", "prompt", grad_norm,
+                                             torch.empty(batch, 1), torch.empty(batch), torch.empty(4, 3, size, size),
+                                             capability)
+                vector = grad_name == "bf16" and transform is None
+                for launch in launches:
+                    kind = "norm" if launch.kernel is _compose_bwd_norm_kernel else "accum"
+                    name = f"bwd-{kind} {grad_name} {grad_norm}" + (" transform" if transform is not None else "")
+                    cases.append(AotCase(name, launch, min_load_bits=128 if vector else None,
+                                         min_store_bits=128 if kind == "accum" else None))
+    return cases

@@ -18,6 +18,13 @@ def _info(args: argparse.Namespace) -> int:
 
     report = info.collect()
     print(json.dumps(report, indent=2) if args.json else info.format_report(report))
+    if args.kernels or args.kernels_json:
+        from vpfast import aot
+
+        kernels = aot.run()
+        print(aot.format_table(kernels))
+        if args.kernels_json:
+            print(f"kernel report written to {aot.write_json(kernels, args.kernels_json)}")
     return 0
 
 
@@ -26,6 +33,10 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
         "info", help="versions, devices, the compiled extension and the backend of every op"
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--kernels", action="store_true",
+                        help="compile every GPU kernel for sm_80/sm_90 (no GPU needed) and print registers, "
+                             "spills and load/store widths")
+    parser.add_argument("--kernels-json", metavar="PATH", help="also write the kernel report as JSON to PATH")
     parser.set_defaults(handler=_info)
 
 

@@ -315,7 +315,7 @@ def _compose_op(
     kernels = _triton_kernels(images.device, prompt.dtype)
     if kernels is not None:
         return kernels.compose_forward(
-            images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space,
+            images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias, prompt_space,
             out_dtype, memory_format,
         )
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space)

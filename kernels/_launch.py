@@ -1,0 +1,37 @@
+"""What every launcher shares with the ahead-of-time tier: a launch, and a case to compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants.
+
+    Launchers build these and run them; the ahead-of-time tier compiles the very same
+    objects, so the specializations it checks are the ones that run.
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+@dataclass
+class AotCase:
+    """A launch to compile for real GPUs, and the memory-access widths its contiguous paths must reach.
+
+    ``min_store_bits``: every global store is at least this wide; ``min_load_bits``: the widest
+    global load is at least this wide (other loads may be narrower gathers). None: no claim.
+    """
+
+    name: str
+    launch: Launch
+    min_store_bits: int | None = None
+    min_load_bits: int | None = None
+    notes: str = field(default="")
