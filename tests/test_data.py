@@ -58,8 +58,8 @@ def test_image_folder_yields_fixed_size_uint8(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
-                size = (17 + i, 23)
-                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 255, (17 + i, 23, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     train, test = data.load_image_folder(str(tmp_path), size=12)
     assert data.class_names(train) == ["cat", "dog"]
     (x, y), = list(data.batches(train, [torch.arange(6)]))
