@@ -40,11 +40,75 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_info)
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per TrainConfig field, typed from the field (the config is the single source)."""
+    import dataclasses
+    import typing
+
+    from vpfast.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = hints[f.name]
+        help_text = ""
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "model_cfg":
+            parser.add_argument(flag, type=json.loads, default=default, help="a JSON object")
+        elif f.name == "templates":
+            parser.add_argument(flag, nargs="+", default=default, help=help_text)
+        else:
+            base = next((t for t in (int, float, str) if t is kind or t in typing.get_args(kind)), str)
+            parser.add_argument(flag, type=base, default=default, help=help_text)
+
+
+def _config(args: argparse.Namespace):
+    import dataclasses
+
+    from vpfast.train.config import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vpfast.train.loop import train
+
+    results = train(_config(args), resume=args.resume)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="learn a visual prompt for a frozen model (EVP recipe by default)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.set_defaults(handler=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vpfast.train.loop import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data), indent=2))
+    return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="test accuracy of a saved prompt")
+    parser.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/evp/best")
+    parser.add_argument("--data", help="evaluate on this dataset instead of the one it was trained on")
+    parser.set_defaults(handler=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpfast", description="Fast visual prompting of frozen models.")
     parser.add_argument("--version", action="version", version=f"vpfast {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_info(commands)
+    _add_train(commands)
+    _add_eval(commands)
     return parser
 
 

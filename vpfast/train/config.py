@@ -1,0 +1,95 @@
+"""The training configuration: one dataclass, saved as JSON with every checkpoint.
+
+Defaults reproduce the released recipes (METHODS.md): EVP trains a zero-initialized frame
+(30 px of 224 around a 164 image) with NormalizedSGD at lr 70, per-epoch cosine, batch 256,
+1000 epochs, gradient norm over the whole canvas; the Bahng pad/patch prompters train with
+SGD lr 40, momentum 0.9 and cosine. Every field can be overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("evp", "pad", "patch")
+OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
+LABEL_MAPPINGS = ("first-k", "frequency")
+
+# method -> (optimizer, lr, momentum)
+RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "patch": ("sgd", 40.0, 0.9)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``None`` fields take the method's or the backbone's default."""
+
+    method: str = "evp"
+    model: str = "open_clip:ViT-B-32"  # open_clip:NAME | timm:NAME | torchvision:NAME
+    pretrained: str | None = "openai"  # open_clip tag, timm True/packaged name, torchvision weights enum
+    model_cfg: dict | None = None  # open_clip config overrides (tiny test models)
+    data: str = "mnist"  # packaged name | torchvision:NAME | an image folder
+    data_root: str = "data"
+    download: bool = False
+    templates: list[str] = field(default_factory=lambda: ["this is a photo of a {}"])
+    image_size: int | None = None  # canvas S; default: the backbone's input size
+    pad: int | None = None  # frame width; default 30 / 224 of S
+    patch: int | None = None  # patch side for the patch prompter; default 30 / 224 of S
+    mode: str = "bilinear"
+    antialias: bool = False
+    diversity: float = 0.0  # probability of per-sample random resize/placement (0: off)
+    grad_region: str | None = None  # default: "canvas" for EVP (its released norm), else "prompt"
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float = 0.0
+    epochs: int = 1000
+    batch_size: int = 256
+    label_mapping: str = "frequency"  # ImageNet classifiers only; CLIP uses its zero-shot head
+    mapping_refresh: int | None = None  # epochs between frequency-mapping refreshes (None: once)
+    mapping_samples: int = 2000  # training images counted for the frequency mapping
+    val_fraction: float = 0.1
+    train_limit: int | None = None  # use only this many training images (quick runs)
+    test_limit: int | None = None
+    seed: int = 0
+    amp: str | None = None  # "bf16": backbone under bfloat16 autocast
+    num_workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
+    max_steps: int | None = None  # stop after this many steps in total (the checkpoint allows resuming)
+    out: str = "runs/evp"
+    device: str | None = None
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the method's recipe filled in and every choice checked."""
+        cfg = dataclasses.replace(self)
+        _check_choice("method", cfg.method, METHODS)
+        optimizer, lr, momentum = RECIPES[cfg.method]
+        cfg.optimizer = cfg.optimizer or optimizer
+        cfg.lr = lr if cfg.lr is None else cfg.lr
+        cfg.momentum = momentum if cfg.momentum is None else cfg.momentum
+        cfg.grad_region = cfg.grad_region or ("canvas" if cfg.method == "evp" else "prompt")
+        _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+        _check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
+        _check_choice("amp", cfg.amp, (None, "bf16"))
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if not 0 <= cfg.diversity <= 1:
+            raise ValueError(f"diversity must be a probability in [0, 1], got {cfg.diversity}")
+        if cfg.model.split(":", 1)[0] not in ("open_clip", "timm", "torchvision") or ":" not in cfg.model:
+            raise ValueError(f"model must be open_clip:NAME, timm:NAME or torchvision:NAME, got {cfg.model!r}")
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
