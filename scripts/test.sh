@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_venv.sh
-setup_venv "test,clip"
+setup_venv "test,clip,demo"
 
 "$PY" -m ruff check .
 

@@ -41,6 +41,7 @@ class PromptedClassifier(nn.Module):
 
 
 def _pretrained_flag(value: str | None) -> bool | str:
+    """"none"/"false"/"" -> False (random weights), "true" -> True (the library's default weights), else the name."""
     if value is None or value.lower() in ("none", "false", ""):
         return False
     return True if value.lower() == "true" else value
@@ -51,8 +52,9 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
     family, name = cfg.model.split(":", 1)
     autocast = torch.bfloat16 if cfg.amp == "bf16" else None
     if family == "open_clip":
-        return backbones.from_open_clip(name, cfg.pretrained, classnames=classnames, templates=tuple(cfg.templates),
-                                        model_cfg=cfg.model_cfg, device=device, autocast_dtype=autocast)
+        return backbones.from_open_clip(name, _pretrained_flag(cfg.pretrained) or None, classnames=classnames,
+                                        templates=tuple(cfg.templates), model_cfg=cfg.model_cfg, device=device,
+                                        autocast_dtype=autocast)
     if family == "timm":
         return backbones.from_timm(name, _pretrained_flag(cfg.pretrained), autocast_dtype=autocast)
     return backbones.from_torchvision(name, cfg.pretrained, autocast_dtype=autocast)

@@ -94,7 +94,8 @@ def refresh_mapping(model: PromptedClassifier, dataset, cfg: TrainConfig, device
 
 
 def build_run(cfg: TrainConfig, device: torch.device):
-    """(model, datasets, classes) for a resolved config."""
+    """(model, datasets, classes) for a resolved config; seeded, so random-weight backbones rebuild identically."""
+    torch.manual_seed(cfg.seed)
     # The backbone fixes the canvas size, the datasets need it: read the class names first.
     size_hint = cfg.image_size or 224
     train, val, test, classes = load_datasets(cfg, size_hint)
@@ -114,7 +115,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     device = _device(cfg)
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     main_rank = rank == 0
     progress = progress and main_rank

