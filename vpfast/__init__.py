@@ -6,4 +6,19 @@ from vpfast.version import __version__
 # Load vpfast._C (registers its ops) before anything dispatches; warns once if it is unavailable.
 _extension.status()
 
-__all__ = ["__version__"]
+from vpfast import ops  # noqa: E402
+from vpfast.optim import NormalizedSGD, cosine_per_epoch  # noqa: E402
+from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter, PadPrompter, PatchPrompter  # noqa: E402
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "Diversity",
+    "EVPrompter",
+    "NormalizedSGD",
+    "PadPrompter",
+    "PatchPrompter",
+    "__version__",
+    "cosine_per_epoch",
+    "ops",
+]

@@ -37,12 +37,12 @@ class Layout(NamedTuple):
     ox: int
 
 
-def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
+def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
+def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
     if value is None:
         return None
     vec = torch.as_tensor(value, dtype=torch.float32).flatten()
@@ -147,12 +147,12 @@ def compose(
         if mask.device != images.device:
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
         mask = mask.to(prompt.dtype)
-    _choice("mode", mode, MODES)
-    _choice("prompt_space", prompt_space, PROMPT_SPACES)
-    _choice("grad_region", grad_region, GRAD_REGIONS)
-    _choice("grad_norm", grad_norm, GRAD_NORMS)
-    mean_t = _channel_vector("mean", mean, channels, images.device)
-    std_t = _channel_vector("std", std, channels, images.device, nonzero=True)
+    check_choice("mode", mode, MODES)
+    check_choice("prompt_space", prompt_space, PROMPT_SPACES)
+    check_choice("grad_region", grad_region, GRAD_REGIONS)
+    check_choice("grad_norm", grad_norm, GRAD_NORMS)
+    mean_t = channel_vector("mean", mean, channels, images.device)
+    std_t = channel_vector("std", std, channels, images.device, nonzero=True)
     if transform is not None:
         if transform.device != images.device and transform.device.type != "cpu":
             raise ValueError(f"transform is on {transform.device} but images are on {images.device}")
@@ -161,8 +161,8 @@ def compose(
         transform = transform.to(device=images.device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
         out_dtype = prompt.dtype
-    _choice("out_dtype", out_dtype, OUT_DTYPES)
-    _choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
+    check_choice("out_dtype", out_dtype, OUT_DTYPES)
+    check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
     return torch.ops.vpfast.compose(
         images, prompt, mask, mean_t, std_t, transform, inner_size, oy, ox, float(fill), mode, bool(antialias),
         prompt_space, grad_region, grad_norm or "none", out_dtype, memory_format == torch.channels_last,

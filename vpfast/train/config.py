@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpfast.ops.compose import check_choice
+
 METHODS = ("evp", "pad", "patch")
 OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
 LABEL_MAPPINGS = ("first-k", "frequency")
@@ -64,15 +66,15 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the method's recipe filled in and every choice checked."""
         cfg = dataclasses.replace(self)
-        _check_choice("method", cfg.method, METHODS)
+        check_choice("method", cfg.method, METHODS)
         optimizer, lr, momentum = RECIPES[cfg.method]
         cfg.optimizer = cfg.optimizer or optimizer
         cfg.lr = lr if cfg.lr is None else cfg.lr
         cfg.momentum = momentum if cfg.momentum is None else cfg.momentum
         cfg.grad_region = cfg.grad_region or ("canvas" if cfg.method == "evp" else "prompt")
-        _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-        _check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
-        _check_choice("amp", cfg.amp, (None, "bf16"))
+        check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+        check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
+        check_choice("amp", cfg.amp, (None, "bf16"))
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -88,8 +90,3 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")

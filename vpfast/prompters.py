@@ -1,0 +1,285 @@
+"""Pixel prompters: EVP (Wu et al.) and the Bahng et al. pad and patch prompters, all on ``vpfast.ops.compose``.
+
+A prompter holds the learned prompt, the mask of its visible entries and the normalization as
+device buffers, and turns a batch of images (uint8 0..255 or float 0..1, any spatial size) into the
+prompted, normalized S x S batch a frozen model takes, in one fused op. Its own CPU
+``torch.Generator`` draws everything random (input-diversity rows, random patch locations, the
+N(0, 1) init); its state is saved with ``state_dict`` so a resumed run repeats the same draws.
+Under DDP each rank has its own generator: with one seed, every rank's sample i gets the same
+diversity row; pass ``seed + rank`` for independent draws (DDP broadcasts rank 0's initial prompt).
+Methods: METHODS.md sections 1-2; the op: DESIGN.md, "compose".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpfast.ops.compose import (
+    GRAD_NORMS,
+    GRAD_REGIONS,
+    MODES,
+    OUT_DTYPES,
+    channel_vector,
+    check_choice,
+    check_transform,
+    compose,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+FILL = 0.0  # canvas value around the image: black, as EVP pads
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None, why: str = "") -> None:
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer {bounds}{why}, got {value!r}")
+
+
+def _channel_buffer(name: str, value: Sequence[float] | None, nonzero: bool = False) -> torch.Tensor | None:
+    """Three per-channel float32 values as a fresh CPU tensor (None stays None), checked as compose checks them."""
+    vec = channel_vector(name, value, 3, torch.device("cpu"), nonzero=nonzero)
+    return None if vec is None else vec.clone()
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """Per-sample input diversity: with probability ``p`` a sample's prompted canvas is resized and moved.
+
+    A transformed sample is resized to a size drawn uniformly from [``min_size``, ``max_size``]
+    (defaults: max_size S, min_size int(0.875 max_size)), placed at a uniform random offset on the
+    S x S canvas (the rest normalized fill) and, if ``flip``, flipped horizontally with probability
+    0.5 first. Other samples get the identity row (S, 0, 0, 0). ``flip`` defaults off: EVP flips in
+    its data pipeline. Applied in training mode only (DESIGN.md compose step 5; METHODS.md section 1, input diversity).
+    """
+
+    p: float = 0.5
+    min_size: int | None = None
+    max_size: int | None = None
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"Diversity.p must be a probability in [0, 1], got {self.p!r}")
+        for name in ("min_size", "max_size"):
+            if getattr(self, name) is not None:
+                _check_int(f"Diversity.{name}", getattr(self, name), 1)
+
+    def size_range(self, canvas: int) -> tuple[int, int]:
+        """(min_size, max_size) on an S = ``canvas`` canvas, defaults filled in; raises if they do not fit."""
+        high = canvas if self.max_size is None else self.max_size
+        low = max(1, int(0.875 * high)) if self.min_size is None else self.min_size
+        _check_int("Diversity.max_size", high, 1, canvas, " (the canvas size S)")
+        _check_int("Diversity.min_size", low, 1, high, " (up to max_size)")
+        return low, high
+
+    def draw(self, batch: int, canvas: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch, 4) int32 CPU rows (size, ty, tx, flip); the same number of draws whatever the coins say."""
+        low, high = self.size_range(canvas)
+        apply = torch.rand(batch, generator=generator, dtype=torch.float64) < self.p
+        size = torch.randint(low, high + 1, (batch,), generator=generator)
+        room = canvas - size + 1
+        ty = (torch.rand(batch, generator=generator, dtype=torch.float64) * room).long()
+        tx = (torch.rand(batch, generator=generator, dtype=torch.float64) * room).long()
+        flip = torch.randint(0, 2, (batch,), generator=generator) if self.flip else torch.zeros_like(size)
+        rows = torch.stack([size, ty, tx, flip], 1)
+        identity = torch.tensor([canvas, 0, 0, 0])
+        return torch.where(apply[:, None], rows, identity).to(torch.int32)
+
+
+class _Prompter(nn.Module):
+    """What every pixel prompter shares: configuration, buffers, the generator, forward and preview.
+
+    Subclasses set ``prompt`` (the trainable parameter) and ``_num_trainable`` and implement
+    ``_prompt_and_mask`` (the (C, S, S) canvas prompt and its (S, S) mask for one forward).
+    """
+
+    prompt: nn.Parameter
+
+    def __init__(self, image_size: int, inner_size: int, prompt_space: str, mean: Sequence[float] | None,
+                 std: Sequence[float] | None, mode: str, antialias: bool, diversity: Diversity | None,
+                 grad_region: str, grad_norm: str | None, out_dtype: torch.dtype | None, seed: int) -> None:
+        super().__init__()
+        check_choice("mode", mode, MODES)
+        check_choice("grad_region", grad_region, GRAD_REGIONS)
+        check_choice("grad_norm", grad_norm, GRAD_NORMS)
+        if out_dtype is not None:
+            check_choice("out_dtype", out_dtype, OUT_DTYPES)
+        if diversity is not None:
+            if not isinstance(diversity, Diversity):
+                raise ValueError(f"diversity must be a vpfast.prompters.Diversity or None, got {diversity!r}")
+            diversity.size_range(image_size)
+        self.image_size, self.inner_size, self.prompt_space = image_size, inner_size, prompt_space
+        self.mode, self.antialias, self.diversity = mode, bool(antialias), diversity
+        self.grad_region, self.grad_norm, self.out_dtype = grad_region, grad_norm, out_dtype
+        # Derived from the arguments, so not saved: a checkpoint holds the prompt and the generator.
+        self.register_buffer("mean", _channel_buffer("mean", mean), persistent=False)
+        self.register_buffer("std", _channel_buffer("std", std, nonzero=True), persistent=False)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def num_trainable(self) -> int:
+        """How many prompt values are visible and trained (3 x the mask's area)."""
+        return self._num_trainable
+
+    @property
+    def update_mask(self) -> torch.Tensor | None:
+        """The mask an optimizer applies to ``prompt``'s update (None: every entry is trainable)."""
+        return None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompted, normalized (B, 3, S, S) batch from (B, 3, H, W) uint8 (0..255) or float (0..1) images."""
+        prompt, mask = self._prompt_and_mask()
+        transform = None
+        if self.training and self.diversity is not None:
+            rows = self.diversity.draw(images.shape[0], self.image_size, self.generator)
+            check_transform(rows, images.shape[0], self.image_size)
+            transform = rows.to(images.device, non_blocking=True)
+        return compose(
+            images, prompt, inner_size=self.inner_size, mask=mask, fill=FILL, mode=self.mode,
+            antialias=self.antialias, mean=self.mean, std=self.std, prompt_space=self.prompt_space,
+            transform=transform, grad_region=self.grad_region, grad_norm=self.grad_norm, out_dtype=self.out_dtype,
+        )
+
+    @torch.no_grad()
+    def to_image(self) -> Image.Image:
+        """The visible prompt on a black canvas, in pixel units, as an S x S RGB ``PIL.Image``.
+
+        Normalized-space prompts are scaled by std (the pixel change they make). Values are clamped
+        to [0, 1] and rounded to uint8; ``prompter.to_image().save("prompt.png")`` writes a PNG.
+        """
+        from PIL import Image
+
+        prompt, mask = self._prompt_and_mask(preview=True)
+        visible = prompt * mask
+        if self.prompt_space == "normalized" and self.std is not None:
+            visible = visible * self.std.view(-1, 1, 1)
+        pixels = (FILL + visible).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The generator state (a uint8 tensor, so the state_dict also saves with safetensors)."""
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            got = f"a {state.dtype} tensor" if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"extra state must be the generator state (a uint8 tensor), got {got}")
+        self.generator.set_state(state.cpu())
+
+    def extra_repr(self) -> str:
+        return (f"image_size={self.image_size}, inner_size={self.inner_size}, prompt_space={self.prompt_space!r}, "
+                f"num_trainable={self.num_trainable}, mode={self.mode!r}, diversity={self.diversity}")
+
+
+class _FramePrompter(_Prompter):
+    """A frame of width ``pad`` on the S x S canvas: a (3, S, S) prompt and an (S, S) mask buffer."""
+
+    def __init__(self, image_size: int, pad: int, inner_size: int, prompt_space: str, normal_init: bool,
+                 **options: Any) -> None:
+        _check_int("image_size", image_size, 1)
+        _check_int("pad", pad, 0, (image_size - 1) // 2,
+                   f" so that the inner square image_size - 2 * pad is at least 1 (image_size = {image_size})")
+        super().__init__(image_size, inner_size, prompt_space, **options)
+        mask = torch.ones(image_size, image_size)
+        mask[pad:image_size - pad, pad:image_size - pad] = 0
+        self.register_buffer("mask", mask, persistent=False)
+        self.pad = pad
+        self._num_trainable = 3 * (image_size**2 - (image_size - 2 * pad) ** 2)
+        prompt = torch.zeros(3, image_size, image_size)
+        if normal_init:
+            prompt = torch.randn(3, image_size, image_size, generator=self.generator) * mask
+        self.prompt = nn.Parameter(prompt)
+
+    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prompt, self.mask
+
+    @property
+    def update_mask(self) -> torch.Tensor:
+        return self.mask
+
+
+class EVPrompter(_FramePrompter):
+    """EVP: a zero-initialized pixel-space frame of width ``pad`` around the image shrunk to S - 2 pad.
+
+    Forward: resize to s = S - 2 pad, zero pad to S, add prompt * mask, normalize (CLIP by default),
+    optionally apply input ``diversity``. ``grad_region="canvas"`` with ``NormalizedSGD.for_prompter``
+    reproduces the released EVP update (gradient norm over the whole canvas, masked step).
+    69,840 trainable values at the defaults.
+    """
+
+    def __init__(self, image_size: int = 224, pad: int = 30, mean: Sequence[float] | None = CLIP_MEAN,
+                 std: Sequence[float] | None = CLIP_STD, mode: str = "bilinear", antialias: bool = False,
+                 diversity: Diversity | None = None, grad_region: str = "prompt", grad_norm: str | None = None,
+                 out_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+        super().__init__(image_size, pad, image_size - 2 * pad, "pixel", False, mean=mean, std=std, mode=mode,
+                         antialias=antialias, diversity=diversity, grad_region=grad_region, grad_norm=grad_norm,
+                         out_dtype=out_dtype, seed=seed)
+
+
+class PadPrompter(_FramePrompter):
+    """Bahng et al.'s pad prompter: an N(0, 1)-initialized frame of width ``pad`` over the full image.
+
+    The image is resized to S only if it is not S x S already, and the prompt is added in normalized
+    space (after mean/std), as the released code adds it to the CLIP-preprocessed image.
+    """
+
+    def __init__(self, image_size: int = 224, pad: int = 30, mean: Sequence[float] | None = CLIP_MEAN,
+                 std: Sequence[float] | None = CLIP_STD, mode: str = "bilinear", antialias: bool = False,
+                 diversity: Diversity | None = None, grad_region: str = "prompt", grad_norm: str | None = None,
+                 out_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+        super().__init__(image_size, pad, image_size, "normalized", True, mean=mean, std=std, mode=mode,
+                         antialias=antialias, diversity=diversity, grad_region=grad_region, grad_norm=grad_norm,
+                         out_dtype=out_dtype, seed=seed)
+
+
+class PatchPrompter(_Prompter):
+    """Bahng et al.'s patch prompter: an N(0, 1)-initialized ``patch`` x ``patch`` prompt in normalized space.
+
+    ``random=False``: the patch sits at the top-left corner. ``random=True``: every forward, in training
+    *and* eval, draws one location (row, col) uniform over all positions inside the canvas from the
+    module's generator, for the whole batch, as the released code does (its eval numbers are with
+    random locations; the learned patch is trained to work anywhere). Two deliberate differences:
+    the range includes the last row and column (``np.random.choice(S - p)`` never picks S - p), and
+    eval draws advance the generator, so a run is reproducible when its train/eval order is.
+    ``prompt`` is the (3, p, p) patch; ``to_image`` shows it at the top-left corner.
+    """
+
+    def __init__(self, image_size: int = 224, patch: int = 30, random: bool = False,
+                 mean: Sequence[float] | None = CLIP_MEAN, std: Sequence[float] | None = CLIP_STD,
+                 mode: str = "bilinear", antialias: bool = False, diversity: Diversity | None = None,
+                 grad_region: str = "prompt", grad_norm: str | None = None, out_dtype: torch.dtype | None = None,
+                 seed: int = 0) -> None:
+        _check_int("image_size", image_size, 1)
+        _check_int("patch", patch, 1, image_size, " (the canvas size image_size)")
+        super().__init__(image_size, image_size, "normalized", mean=mean, std=std, mode=mode, antialias=antialias,
+                         diversity=diversity, grad_region=grad_region, grad_norm=grad_norm, out_dtype=out_dtype,
+                         seed=seed)
+        self.patch, self.random = patch, bool(random)
+        self._num_trainable = 3 * patch * patch
+        self.prompt = nn.Parameter(torch.randn(3, patch, patch, generator=self.generator))
+
+    def location(self) -> tuple[int, int]:
+        """(row, col) of the patch's top-left corner for the next forward (draws one if ``random``)."""
+        if not self.random:
+            return 0, 0
+        row, col = torch.randint(0, self.image_size - self.patch + 1, (2,), generator=self.generator).tolist()
+        return row, col
+
+    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        row, col = (0, 0) if preview else self.location()
+        pads = (col, self.image_size - self.patch - col, row, self.image_size - self.patch - row)
+        return F.pad(self.prompt, pads), F.pad(self.prompt.new_ones(self.patch, self.patch), pads)
