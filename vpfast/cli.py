@@ -103,6 +103,24 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from vpfast import demo
+
+    print(demo.format_table(demo.run(args.data, args.preset, args.out)))
+    return 0
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="prompt a real ImageNet model to classify real digits, offline",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="mnist", choices=("mnist", "digits", "fashion-mnist"),
+                        help="packaged dataset (fashion-mnist needs Debian's dataset-fashion-mnist)")
+    parser.add_argument("--preset", default="quick", choices=("quick", "long"),
+                        help="quick: 112 px canvas, 1,536 images, one epoch; long: 224 px, all images, 20 epochs")
+    parser.add_argument("--out", default="runs/demo", help="directory for the runs and demo.json")
+    parser.set_defaults(handler=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpfast", description="Fast visual prompting of frozen models.")
     parser.add_argument("--version", action="version", version=f"vpfast {__version__}")
@@ -110,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_train(commands)
     _add_eval(commands)
+    _add_demo(commands)
     return parser
 
 

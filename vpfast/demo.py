@@ -37,7 +37,7 @@ METHODS = {
 
 def demo_config(data: str, preset: str, out: Path, method: str) -> TrainConfig:
     settings = dict(PRESETS[preset])
-    return TrainConfig(model=BACKBONE, pretrained=WEIGHTS, data=data, label_mapping="frequency",
+    return TrainConfig(model=BACKBONE, pretrained=WEIGHTS, data=data, label_mapping="frequency", log_every=2,
                        mapping_samples=1000, val_fraction=0.1, num_workers=0, out=str(out / method),
                        **settings, **METHODS[method][1])
 
