@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# First run: set up the venv and build vpfast (scripts/setup_venv.sh), report what will run here,
-# then run the compose example.
+# The main job, offline: set up the venv and build vpfast (scripts/setup_venv.sh), report what will
+# run here, then the demo: a frozen ImageNet EfficientNet-Lite0 (packaged weights) prompted to
+# classify MNIST digits (packaged data) with EVP and the pad prompter. Arguments go to `vpfast demo`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_venv.sh
-setup_venv ""
+setup_venv "demo"
 
 vpfast info
-"$PY" examples/compose_example.py
+vpfast demo "$@"
