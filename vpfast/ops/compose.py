@@ -310,7 +310,6 @@ def _compose_op(
     out_dtype: torch.dtype,
     channels_last: bool,
 ) -> torch.Tensor:
-    layout = Layout(prompt.shape[-1], inner_size, oy, ox)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     kernels = _triton_kernels(images.device, prompt.dtype)
     if kernels is not None:
@@ -318,6 +317,7 @@ def _compose_op(
             images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias, prompt_space,
             out_dtype, memory_format,
         )
+    layout = Layout(prompt.shape[-1], inner_size, oy, ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space)
     return y.to(dtype=out_dtype, memory_format=memory_format)
 
