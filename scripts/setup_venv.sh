@@ -4,7 +4,7 @@
 #
 # The venv is $VENV (default .venv), made with $PYTHON (default python3); afterwards $PY is its
 # python and its bin/ leads PATH. The extension gets CUDA kernels (for TORCH_CUDA_ARCH_LIST,
-# default 9.0) when $CUDA_HOME/bin/nvcc exists (default /usr/local/cuda), else it is CPU-only.
+# default 8.0;9.0) when $CUDA_HOME/bin/nvcc exists (default /usr/local/cuda), else it is CPU-only.
 
 setup_venv() {
   local extras="$1"
@@ -20,7 +20,7 @@ setup_venv() {
   command -v ninja >/dev/null || "$PY" -m pip install --quiet ninja
   local cuda_home="${CUDA_HOME:-/usr/local/cuda}"
   if [ -x "$cuda_home/bin/nvcc" ]; then
-    export CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+    export CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
   else
     echo "setup_venv: no nvcc under $cuda_home, building vpfast without CUDA kernels" >&2
   fi

@@ -27,9 +27,9 @@ def poison(monkeypatch):
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Force the Triton kernels for every op call in the test."""
+    """Force the Triton kernels (under the interpreter, on CPU tensors) for every op call in the test."""
     from vpfast.ops import _dispatch
 
-    if not (torch.cuda.is_available() or _dispatch.interpreter_enabled()):
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    if not _dispatch.interpreter_enabled():
+        pytest.skip("the interpreter tier runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)")
     monkeypatch.setenv("VPFAST_BACKEND", "triton")

@@ -89,6 +89,9 @@ def choose(op: str, device: torch.device) -> str:
     if forced is not None:
         if forced == "reference":
             return forced
+        if forced not in fast:
+            raise RuntimeError(f"VPFAST_BACKEND={forced}, but {op} has no {forced} backend on {device.type} "
+                               f"(it has {('reference', *fast)})")
         ok, why = backend_available(forced, device.type)
         if not ok:
             raise RuntimeError(f"VPFAST_BACKEND={forced} cannot run {op} on {device.type}: {why}")
@@ -113,6 +116,8 @@ def backend_table() -> dict[str, dict[str, str]]:
         for device_type in ("cpu", "cuda"):
             if forced is not None:
                 ok, why = backend_available(forced, device_type)
+                if forced not in ("reference", *fast.get(device_type, ())):
+                    ok, why = False, f"{op} has no {forced} backend"
                 row[device_type] = forced if ok else f"error: {why}"
                 continue
             chosen, notes = "reference", []
