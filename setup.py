@@ -88,7 +88,7 @@ def extension_build(info: dict) -> dict:
     target = "0x{:02x}{:02x}000000000000".format(*TORCH_TARGET)
     defines = [f"-DTORCH_TARGET_VERSION={target}"] + (["-DVPFAST_WITH_CUDA"] if cuda else [])
     args = {"cxx": ["-O3", *defines]}
-    sources = ["csrc/vpfast.cpp"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     if cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST

@@ -31,6 +31,11 @@ int64_t extension_info() {
 STABLE_TORCH_LIBRARY(vpfast, m) {
   m.def("_extension_info() -> int");
   m.def("_cuda_probe(Tensor x) -> Tensor");
+  // PGN token-library soft sampling; kernels in csrc/token_mix.cpp (CPU) and csrc/cuda/token_mix.cu.
+  m.def("token_mix(Tensor logits, Tensor library, float tau, bool gumbel, int seed, int topk, bool hard, "
+        "str activation) -> Tensor");
+  m.def("token_mix_backward(Tensor grad, Tensor logits, Tensor library, float tau, bool gumbel, int seed, "
+        "int topk, bool hard, str activation) -> (Tensor, Tensor)");
 }
 
 // No tensor arguments, so the op needs a backend-independent kernel.

@@ -8,6 +8,8 @@ _extension.status()
 
 from vpfast import ops  # noqa: E402
 from vpfast.optim import NormalizedSGD, cosine_per_epoch  # noqa: E402
+from vpfast.pgn import PGN  # noqa: E402
+from vpfast.prompt_tokens import PromptedViT  # noqa: E402
 from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter, PadPrompter, PatchPrompter  # noqa: E402
 
 __all__ = [
@@ -16,8 +18,10 @@ __all__ = [
     "Diversity",
     "EVPrompter",
     "NormalizedSGD",
+    "PGN",
     "PadPrompter",
     "PatchPrompter",
+    "PromptedViT",
     "__version__",
     "cosine_per_epoch",
     "ops",

@@ -156,9 +156,19 @@ def extension_reports() -> list[KernelReport]:
             name = m.group(1)
         elif m := _RESOURCES.search(line):
             registers, stack, shared, local = (int(v) for v in m.groups())
-            reports.append(KernelReport(case="vpfast._C", kernel=name, arch=arch, num_warps=0, registers=registers,
-                                        stack=stack, shared=shared, local=local, loads={}, stores={}))
+            reports.append(KernelReport(case="vpfast._C", kernel=_demangle(name), arch=arch, num_warps=0,
+                                        registers=registers, stack=stack, shared=shared, local=local, loads={},
+                                        stores={}))
     return reports
+
+
+def _demangle(name: str) -> str:
+    """A readable kernel name (c++filt, without the parameter list), or the mangled one without c++filt."""
+    try:
+        done = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    return done.stdout.strip().split("(")[0]
 
 
 def run(archs: tuple[int, ...] = ARCHS, progress: bool = True) -> list[KernelReport]:
@@ -179,11 +189,11 @@ def format_table(reports: list[KernelReport]) -> str:
     def widths(counts: dict[int, int]) -> str:
         return " ".join(f"{bits}b:{n}" for bits, n in sorted(counts.items())) or "-"
 
-    header = f"{'case':40} {'kernel':26} {'sm':>3} {'regs':>4} {'stack':>5} {'smem':>6} {'loads':24} {'stores':12} ok"
+    header = f"{'case':40} {'kernel':40} {'sm':>3} {'regs':>4} {'stack':>5} {'smem':>6} {'loads':24} {'stores':12} ok"
     rows = [header, "-" * len(header)]
     for r in reports:
         problems = r.problems()
-        rows.append(f"{r.case[:40]:40} {r.kernel[:26]:26} {r.arch:>3} {r.registers:>4} {r.stack:>5} {r.shared:>6} "
+        rows.append(f"{r.case[:40]:40} {r.kernel[-40:]:40} {r.arch:>3} {r.registers:>4} {r.stack:>5} {r.shared:>6} "
                     f"{widths(r.loads)[:24]:24} {widths(r.stores)[:12]:12} {'; '.join(problems) or 'yes'}")
     return "\n".join(rows)
 
