@@ -116,7 +116,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default="mnist", choices=("mnist", "digits", "fashion-mnist"),
                         help="packaged dataset (fashion-mnist needs Debian's dataset-fashion-mnist)")
     parser.add_argument("--preset", default="quick", choices=("quick", "long"),
-                        help="quick: 112 px canvas, 1,536 images, one epoch; long: 224 px, all images, 20 epochs")
+                        help="quick: 112 px canvas, 1,536 images, one epoch; long: all 3,600 training images, 8 epochs")
     parser.add_argument("--out", default="runs/demo", help="directory for the runs and demo.json")
     parser.set_defaults(handler=_demo)
 
