@@ -113,6 +113,24 @@ def _transform_weight(q, r, size, scale):
     return tl.where(i0 == q, w0, 0.0) + tl.where(i1 == q, w1, 0.0)
 
 
+@triton.jit
+def _pixel_tile(tile, S, BLOCK: tl.constexpr):
+    """Flat canvas indices of one tile of BLOCK pixels, and which of them lie on the S x S canvas."""
+    pix = tile * BLOCK + tl.arange(0, BLOCK)
+    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
+    return pix, pix < S * S
+
+
+@triton.jit
+def _per_channel(ptr, cidx, cmask, PRESENT: tl.constexpr, default: tl.constexpr):
+    """A per-channel vector (mean or std), or ``default`` in every channel when it is absent."""
+    if PRESENT:
+        v = tl.load(ptr + cidx, mask=cmask, other=default)
+    else:
+        v = tl.full([cidx.shape[0]], default, tl.float32)
+    return v
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -172,15 +190,13 @@ def _compose_fwd_kernel(
     OUT_NCHW: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
-    valid = pix < S * S
+    pix, valid = _pixel_tile(tl.program_id(0), S, BLOCK)
     Y = pix // S
     X = pix % S
     cidx = tl.arange(0, CP)
     cmask = cidx < C
-    mean = tl.load(mean_ptr + cidx, mask=cmask, other=0.0) if HAS_MEAN else tl.zeros([CP], tl.float32)
-    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    mean = _per_channel(mean_ptr, cidx, cmask, HAS_MEAN, 0.0)
+    std = _per_channel(std_ptr, cidx, cmask, HAS_STD, 1.0)
     x_base = b * sxb
     if HAS_TRANSFORM:
         size = tl.load(t_ptr + b * 4)
@@ -273,12 +289,10 @@ def _compose_bwd_norm_kernel(
     """Partial per-sample sums of g^2 (L2) or |g| (L1) over one tile of pixels."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    pix = tile * BLOCK + tl.arange(0, BLOCK)
-    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
-    valid = pix < S * S
+    pix, valid = _pixel_tile(tile, S, BLOCK)
     cidx = tl.arange(0, CP)
     cmask = cidx < C
-    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    std = _per_channel(std_ptr, cidx, cmask, HAS_STD, 1.0)
     g = _sample_grad(go_ptr, b, sgb, sgc, sgh, sgw, t_ptr, pix // S, pix % S, valid, S, cidx, cmask,
                      HAS_TRANSFORM, KT, BLOCK, CP)
     g = g * _grad_scale(m_ptr, pix, valid, std, HAS_MASK, HAS_STD)
@@ -293,16 +307,13 @@ def _compose_bwd_accum_kernel(
     HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_COEF: tl.constexpr,
 ):
     """One chunk of the batch: sum_b coef_b * g_b over a tile of pixels, for all channels."""
-    tile = tl.program_id(0)
     chunk = tl.program_id(1)
-    pix = tile * BLOCK + tl.arange(0, BLOCK)
-    pix = tl.max_contiguous(tl.multiple_of(pix, BLOCK), BLOCK)
-    valid = pix < S * S
+    pix, valid = _pixel_tile(tl.program_id(0), S, BLOCK)
     Y = pix // S
     X = pix % S
     cidx = tl.arange(0, CP)
     cmask = cidx < C
-    std = tl.load(std_ptr + cidx, mask=cmask, other=1.0) if HAS_STD else tl.full([CP], 1.0, tl.float32)
+    std = _per_channel(std_ptr, cidx, cmask, HAS_STD, 1.0)
     acc = tl.zeros([BLOCK, CP], tl.float32)
     b_start = chunk.to(tl.int64) * per_chunk
     b_end = tl.minimum(b_start + per_chunk, B)

@@ -82,6 +82,12 @@ def backend_available(backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _all_backends(op: str) -> tuple[str, ...]:
+    """The fast backends ``op`` has on any device (forcing one runs it where it can run, e.g. Triton
+    on CPU tensors under the interpreter)."""
+    return tuple(dict.fromkeys(b for fast in OP_BACKENDS[op].values() for b in fast))
+
+
 def choose(op: str, device: torch.device) -> str:
     """The backend that ``op`` runs for tensors on ``device`` (warns once on a fallback)."""
     fast = OP_BACKENDS[op].get(device.type, ())
@@ -89,9 +95,9 @@ def choose(op: str, device: torch.device) -> str:
     if forced is not None:
         if forced == "reference":
             return forced
-        if forced not in fast:
-            raise RuntimeError(f"VPFAST_BACKEND={forced}, but {op} has no {forced} backend on {device.type} "
-                               f"(it has {('reference', *fast)})")
+        if forced not in _all_backends(op):
+            raise RuntimeError(f"VPFAST_BACKEND={forced}, but {op} has no {forced} backend "
+                               f"(it has {('reference', *_all_backends(op))})")
         ok, why = backend_available(forced, device.type)
         if not ok:
             raise RuntimeError(f"VPFAST_BACKEND={forced} cannot run {op} on {device.type}: {why}")
@@ -116,7 +122,7 @@ def backend_table() -> dict[str, dict[str, str]]:
         for device_type in ("cpu", "cuda"):
             if forced is not None:
                 ok, why = backend_available(forced, device_type)
-                if forced not in ("reference", *fast.get(device_type, ())):
+                if forced not in ("reference", *_all_backends(op)):
                     ok, why = False, f"{op} has no {forced} backend"
                 row[device_type] = forced if ok else f"error: {why}"
                 continue
