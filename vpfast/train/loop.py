@@ -96,9 +96,9 @@ def refresh_mapping(model: PromptedClassifier, dataset, cfg: TrainConfig, device
 def build_run(cfg: TrainConfig, device: torch.device):
     """(model, datasets, classes) for a resolved config; seeded, so random-weight backbones rebuild identically."""
     torch.manual_seed(cfg.seed)
-    # The backbone fixes the canvas size, the datasets need it: read the class names first.
-    size_hint = cfg.image_size or 224
-    train, val, test, classes = load_datasets(cfg, size_hint)
+    # The CLIP head needs the class names first; image files are decoded at --image-size (224 by default)
+    # and resized to the prompter's inner size on the device.
+    train, val, test, classes = load_datasets(cfg, cfg.image_size or 224)
     backbone = build_backbone(cfg, classes, device)
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)))
     return model.to(device), (train, val, test), classes
