@@ -104,7 +104,7 @@ def test_cli_train_pad_prompter_on_packaged_efficientnet(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "vpt"], r"method must be one of \('evp', 'pad', 'patch'\), got 'vpt'"),
+    (["--method", "vpt"], r"method must be one of \('evp', 'pad', 'patch', 'pgn'\), got 'vpt'"),
     (["--model", "ViT-B-32"], r"model must be open_clip:NAME, timm:NAME or torchvision:NAME, got 'ViT-B-32'"),
     (["--optimizer", "lion"], r"optimizer must be one of .*got 'lion'"),
     (["--diversity", "2"], r"diversity must be a probability in \[0, 1\], got 2.0"),
@@ -119,3 +119,24 @@ def test_cli_rejects_bad_arguments(args, message, capsys):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train(tiny(tmp_path / "none"), resume=True, progress=False)
+
+
+def test_pgn_trains_a_token_generator_and_resumes_exactly(tmp_path):
+    cfg = dict(method="pgn", num_prompts=2, library_size=8, diversity=0.0, epochs=2)
+    straight = train(tiny(tmp_path / "a", **cfg), progress=False)
+    train(tiny(tmp_path / "b", max_steps=3, **cfg), progress=False)
+    middle = checkpoint.load_tensors(tmp_path / "b" / "last")
+    resumed = train(tiny(tmp_path / "b", **cfg), resume=True, progress=False)
+    a, b = (checkpoint.load_tensors(tmp_path / run / "last") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(middle["tokens.library"], a["tokens.library"])  # training moves the library
+    config = TrainConfig.load(tmp_path / "a" / "config.json").resolved()
+    assert (config.optimizer, config.lr, config.warmup_epochs, config.min_lr_ratio) == ("sgd", 0.1, 1, 0.01)
+    assert a["tokens.library"].shape == (8, 64)
+    assert straight["trainable_params"] == resumed["trainable_params"] > 8 * 64
+    assert straight["test_acc"] == resumed["test_acc"]
+
+
+def test_pgn_on_a_cnn_says_it_needs_a_vit(tmp_path):
+    with pytest.raises(ValueError, match=r"--method pgn needs a ViT backbone, and torchvision:resnet18 is not one"):
+        train(tiny(tmp_path, method="pgn", model="torchvision:resnet18", pretrained=None), progress=False)

@@ -6,38 +6,78 @@ import torch
 from torch import nn
 
 from vpfast import backbones
+from vpfast.ops.compose import compose
 from vpfast.optim import NormalizedSGD, cosine_per_epoch
+from vpfast.pgn import PGN
+from vpfast.prompt_tokens import PromptedViT
 from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
 from vpfast.train.config import TrainConfig
 
 IMAGENET_CLASSES = 1000
 
 
-class PromptedClassifier(nn.Module):
-    """prompter -> frozen backbone -> label mapping: uint8 images in, target-class logits out."""
+class Normalizer(nn.Module):
+    """uint8 (or float 0..1) images of any size -> the backbone's normalized S x S input, on the device.
 
-    def __init__(self, prompter: nn.Module, backbone: backbones.FrozenClassifier, mapping: nn.Module | None) -> None:
+    compose with an invisible (all-zero, untrained) prompt: token-prompting methods such as PGN take
+    the plain input, and get it through the same fused op as the pixel prompters.
+    """
+
+    def __init__(self, size: int, mean, std) -> None:
         super().__init__()
-        self.prompter, self.backbone, self.mapping = prompter, backbone, mapping
+        self.size = size
+        self.register_buffer("zero", torch.zeros(3, size, size), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return compose(images, self.zero, inner_size=self.size, mean=self.mean, std=self.std)
+
+
+class PromptedClassifier(nn.Module):
+    """prompter -> frozen backbone -> label mapping: uint8 images in, target-class logits out.
+
+    With ``tokens`` (PGN), the prompter only normalizes, ``tokens`` turns the normalized images into
+    prompt tokens and the backbone (a ViT) runs with them appended.
+    """
+
+    def __init__(self, prompter: nn.Module, backbone: backbones.FrozenClassifier, mapping: nn.Module | None,
+                 tokens: nn.Module | None = None) -> None:
+        super().__init__()
+        self.prompter, self.backbone, self.mapping, self.tokens = prompter, backbone, mapping, tokens
+        self.vit = None if tokens is None else PromptedViT(backbone)
 
     def source_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.prompter(images))
+        x = self.prompter(images)
+        return self.backbone(x) if self.tokens is None else self.vit(x, self.tokens(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.source_logits(images)
         return logits if self.mapping is None else self.mapping(logits)
 
+    @property
+    def trained(self) -> nn.Module:
+        """The module the optimizer trains: the pixel prompter, or the token generator."""
+        return self.prompter if self.tokens is None else self.tokens
+
+    @property
+    def num_trainable(self) -> int:
+        """Trained values: the visible prompt entries of a pixel prompter, or every generator parameter."""
+        if self.tokens is None:
+            return self.prompter.num_trainable
+        return sum(p.numel() for p in self.tokens.parameters() if p.requires_grad)
+
+    def _parts(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in (("prompter", self.prompter), ("tokens", self.tokens),
+                                        ("mapping", self.mapping)) if m is not None}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint saves: the prompter (prompt and generator) and the label mapping."""
-        state = {f"prompter.{k}": v for k, v in self.prompter.state_dict().items()}
-        if self.mapping is not None:
-            state.update({f"mapping.{k}": v for k, v in self.mapping.state_dict().items()})
-        return state
+        """What a checkpoint saves: the prompter (prompt and generator state), PGN and the label mapping."""
+        return {f"{name}.{k}": v for name, m in self._parts().items() for k, v in m.state_dict().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.prompter.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("prompter.")})
-        if self.mapping is not None:
-            self.mapping.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("mapping.")})
+        for name, m in self._parts().items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
 
 
 def _pretrained_flag(value: str | None) -> bool | str:
@@ -63,6 +103,8 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
 def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module:
     """The method's prompter, sized to the backbone's input and normalized with its mean/std."""
     size = cfg.image_size or backbone.input_size[0]
+    if cfg.method == "pgn":
+        return Normalizer(size, backbone.mean, backbone.std)
     scaled = max(1, round(30 * size / 224))
     diversity = Diversity(p=cfg.diversity) if cfg.diversity > 0 else None
     common = dict(image_size=size, mean=backbone.mean, std=backbone.std, mode=cfg.mode, antialias=cfg.antialias,
@@ -72,6 +114,17 @@ def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn
     if cfg.method == "pad":
         return PadPrompter(pad=cfg.pad or scaled, **common)
     return PatchPrompter(patch=cfg.patch or scaled, random=True, **common)
+
+
+def build_tokens(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module | None:
+    """PGN's generator for ``--method pgn`` (published ResNet-10, sized to the ViT's width), else None."""
+    if cfg.method != "pgn":
+        return None
+    try:
+        dim = PromptedViT(backbone).dim
+    except TypeError as exc:
+        raise ValueError(f"--method pgn needs a ViT backbone, and {cfg.model} is not one: {exc}") from exc
+    return PGN(cfg.num_prompts, cfg.library_size, dim, input_size=cfg.image_size or backbone.input_size[0])
 
 
 def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_classes: int) -> nn.Module | None:
@@ -85,13 +138,21 @@ def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_cl
     return backbones.FrequencyMapping(backbone.num_classes, num_classes, refresh_every=cfg.mapping_refresh)
 
 
-def build_optimizer(cfg: TrainConfig, prompter: nn.Module, epochs: int):
-    """(optimizer, per-epoch cosine schedule) over the prompter's parameters."""
+def build_optimizer(cfg: TrainConfig, model: PromptedClassifier, epochs: int):
+    """(optimizer, per-epoch schedule) over the trained module: optional linear warmup, then cosine."""
+    trained = model.trained
     if cfg.optimizer == "normalized-sgd":
-        optimizer = NormalizedSGD.for_prompter(prompter, lr=cfg.lr)
+        optimizer = NormalizedSGD.for_prompter(trained, lr=cfg.lr)
     elif cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(prompter.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        optimizer = torch.optim.SGD(trained.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.Adam(prompter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return optimizer, cosine_per_epoch(optimizer, epochs)
+        optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not cfg.warmup_epochs and not cfg.min_lr_ratio:
+        return optimizer, cosine_per_epoch(optimizer, epochs)
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=epochs - cfg.warmup_epochs, eta_min=cfg.lr * cfg.min_lr_ratio)
+    if not cfg.warmup_epochs:
+        return optimizer, cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1 / (cfg.warmup_epochs + 1), total_iters=cfg.warmup_epochs)
+    return optimizer, sched.SequentialLR(optimizer, [warmup, cosine], milestones=[cfg.warmup_epochs])

@@ -3,7 +3,9 @@
 Defaults reproduce the released recipes (METHODS.md): EVP trains a zero-initialized frame
 (30 px of 224 around a 164 image) with NormalizedSGD at lr 70, per-epoch cosine, batch 256,
 1000 epochs, gradient norm over the whole canvas; the Bahng pad/patch prompters train with
-SGD lr 40, momentum 0.9 and cosine. Every field can be overridden.
+SGD lr 40, momentum 0.9 and cosine; PGN (ViT backbones only) trains its generator and token
+library with SGD lr 0.1, momentum 0.9, a linear warmup over half the epochs, then cosine to lr/100.
+Every field can be overridden.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 
 from vpfast.ops.compose import check_choice
 
-METHODS = ("evp", "pad", "patch")
+METHODS = ("evp", "pad", "patch", "pgn")
 OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
 LABEL_MAPPINGS = ("first-k", "frequency")
 
 # method -> (optimizer, lr, momentum)
-RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "patch": ("sgd", 40.0, 0.9)}
+RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "patch": ("sgd", 40.0, 0.9),
+           "pgn": ("sgd", 0.1, 0.9)}
 
 
 @dataclass
@@ -47,6 +50,10 @@ class TrainConfig:
     momentum: float | None = None
     weight_decay: float = 0.0
     epochs: int = 1000
+    warmup_epochs: int | None = None  # linear warmup (default: half the epochs for PGN, else none)
+    min_lr_ratio: float | None = None  # cosine floor as a fraction of lr (default: 0.01 for PGN, else 0)
+    num_prompts: int = 16  # PGN: prompt tokens per image
+    library_size: int = 256  # PGN: tokens in the library
     batch_size: int = 256
     label_mapping: str = "frequency"  # ImageNet classifiers only; CLIP uses its zero-shot head
     mapping_refresh: int | None = None  # epochs between frequency-mapping refreshes (None: once)
@@ -72,6 +79,11 @@ class TrainConfig:
         cfg.lr = lr if cfg.lr is None else cfg.lr
         cfg.momentum = momentum if cfg.momentum is None else cfg.momentum
         cfg.grad_region = cfg.grad_region or ("canvas" if cfg.method == "evp" else "prompt")
+        pgn = cfg.method == "pgn"
+        cfg.warmup_epochs = (cfg.epochs // 2 if pgn else 0) if cfg.warmup_epochs is None else cfg.warmup_epochs
+        cfg.min_lr_ratio = (0.01 if pgn else 0.0) if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+        if not 0 <= cfg.warmup_epochs < cfg.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {cfg.epochs}), got {cfg.warmup_epochs}")
         check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
         check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
         check_choice("amp", cfg.amp, (None, "bf16"))

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vpfast.train import checkpoint, data
-from vpfast.train.build import PromptedClassifier, build_backbone, build_mapping, build_optimizer, build_prompter
+from vpfast.train.build import (
+    PromptedClassifier,
+    build_backbone,
+    build_mapping,
+    build_optimizer,
+    build_prompter,
+    build_tokens,
+)
 from vpfast.train.config import TrainConfig
 from vpfast.train.metrics import MetricsLog, plot
 
@@ -100,7 +107,8 @@ def build_run(cfg: TrainConfig, device: torch.device):
     # and resized to the prompter's inner size on the device.
     train, val, test, classes = load_datasets(cfg, cfg.image_size or 224)
     backbone = build_backbone(cfg, classes, device)
-    model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)))
+    model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)),
+                               build_tokens(cfg, backbone))
     return model.to(device), (train, val, test), classes
 
 
@@ -119,7 +127,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     main_rank = rank == 0
     progress = progress and main_rank
     model, (train_set, val_set, test_set), classes = build_run(cfg, device)
-    optimizer, schedule = build_optimizer(cfg, model.prompter, cfg.epochs)
+    optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0}
     if resume:
         model.load_trainable_state(checkpoint.load_tensors(out / "last"))
@@ -192,12 +200,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         "method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "steps": state["step"],
         "best_val_acc": state["best_val"],
         "test_acc": evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress),
-        "trainable_params": model.prompter.num_trainable,
+        "trainable_params": model.num_trainable,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
     }
     if main_rank:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        model.prompter.to_image().save(out / "prompt.png")
+        if model.tokens is None:
+            model.prompter.to_image().save(out / "prompt.png")
         plot(out / "metrics.jsonl", out / "training.png")
     return results
 
