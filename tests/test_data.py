@@ -66,3 +66,25 @@ def test_image_folder_yields_fixed_size_uint8(tmp_path):
     assert x.dtype == torch.uint8 and x.shape == (6, 3, 12, 12) and y.tolist() == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="must hold train/ and test/"):
         data.load_image_folder(str(tmp_path / "train"), size=12)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_debian_idx_files(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    train, test = data.load_packaged("fashion-mnist")
+    assert train.images.shape == (6, 3, 28, 28) and test.images.shape == (4, 3, 28, 28)
+    assert train.classes[9] == "ankle boot" and train.labels.dtype == torch.int64
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_packaged("fashion-mnist")
