@@ -39,6 +39,10 @@ def blocks(capability: int) -> dict[tuple[str, bool], int]:
 
 
 TRANSFORM_TAPS = 5  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
+# With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
+# contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
+# source coordinate near 200 (1.5e-5) times a jump of ~10 between neighbouring normalized pixels moved the
+# output by 5e-5 of its range on an H100 before this.
 
 
 # --------------------------------------------------------------------------- interpolation taps
@@ -203,7 +207,7 @@ def _compose_fwd_kernel(
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
         flip = tl.load(t_ptr + b * 4 + 3)
-        scale_t = S.to(tl.float32) / size.to(tl.float32)
+        scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
         ry = Y - ty
         rx = X - tx
         placed = valid & (ry >= 0) & (ry < size) & (rx >= 0) & (rx < size)
@@ -249,7 +253,7 @@ def _sample_grad(
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
         flip = tl.load(t_ptr + b * 4 + 3)
-        scale_t = S.to(tl.float32) / size.to(tl.float32)
+        scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
         inv = size.to(tl.float32) / S.to(tl.float32)
         qx = tl.where(flip != 0, S - 1 - X, X)
         ylo = tl.maximum(tl.floor((Y.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32) - 1, 0)
@@ -393,7 +397,7 @@ def forward_launch(images, prompt, mask, mean, std, transform, inner, oy, ox, fi
         Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, UINT8=images.dtype == torch.uint8,
         HAS_MASK=mask is not None, HAS_MEAN=mean is not None, HAS_STD=std is not None,
         PIXEL=prompt_space == "pixel", HAS_TRANSFORM=transform is not None,
-        OUT_NCHW=out.is_contiguous(), num_warps=NUM_WARPS,
+        OUT_NCHW=out.is_contiguous(), num_warps=NUM_WARPS, enable_fp_fusion=transform is None,
     )
     return Launch(_compose_fwd_kernel, (triton.cdiv(size * size, block), batch), args, constexprs)
 
@@ -421,7 +425,8 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     use_mask = mask is not None and grad_region == "prompt"
     use_std = std is not None and prompt_space == "pixel"
     common = dict(C=channels, CP=triton.next_power_of_2(channels), BLOCK=block, KT=TRANSFORM_TAPS,
-                  HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None, num_warps=NUM_WARPS)
+                  HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None, num_warps=NUM_WARPS,
+                  enable_fp_fusion=transform is None)
     pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform)
     launches = []
     if grad_norm != "none":

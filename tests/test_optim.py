@@ -179,9 +179,10 @@ def test_ddp_matches_single_process(tmp_path):
     for images, labels in _batches(DDP_STEPS, DDP_BATCH):
         _ddp_step(prompter, opt, model, images, labels)
     # fork on Linux: the workers reuse the parent's imports, torch._dynamo included (the first compose call
-    # above loads it); spawn re-imports everything, 13-26 s on two busy cores.
+    # above loads it); spawn re-imports everything, 13-26 s on two busy cores. With CUDA, autograd runs
+    # device threads, which fork cannot carry over.
     out = str(tmp_path / "prompt.pt")
-    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    start_method = "fork" if sys.platform.startswith("linux") and not torch.cuda.is_available() else "spawn"
     mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method=start_method)
     assert prompter.prompt.abs().max() > 1.0 and rel_err(torch.load(out), prompter.prompt) < 1e-5
     # The check can tell: normalizing each rank's gradient before averaging gives another step.

@@ -383,7 +383,8 @@ def eager_in_dtype(logits, library, tau=1.0, gumbel=False, seed=None, topk=None,
     """The reference's steps run entirely in the inputs' dtype: the error baseline of eager PyTorch."""
     s = logits
     if gumbel:
-        s = s + gumbel_noise(seed, logits.shape[0] * logits.shape[1], logits.shape[2]).view(logits.shape).to(s.dtype)
+        noise = gumbel_noise(seed, logits.shape[0] * logits.shape[1], logits.shape[2], device=s.device)
+        s = s + noise.view(logits.shape).to(s.dtype)
     s = s / tau
     if topk is not None:
         s = s.masked_fill(s < s.detach().topk(topk, -1).values[..., -1:], -math.inf)

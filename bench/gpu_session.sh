@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What a lent GPU machine runs, step by step: bash bench/gpu_session.sh STEP...
+#
+#   env        the GPU, driver, torch, triton
+#   build      the extension in place for this GPU's architecture, then `vpfast info`
+#   gpu        the gpu test tier (compose, token_mix CUDA kernels, torch.compile, CUDA graphs)
+#   suite      every other tier on this machine's torch (xdist), a check that nothing depends on torch 2.14
+#   bench-mix  bench/test_token_mix_bench.py      bench-compose  bench/test_compose_bench.py
+#   bench-evp  bench/test_evp_step_bench.py       wheel          the gpu tier against dist/*.whl, outside the tree
+#
+# Each step has its own time limit and log; logs and bench/results/*.json land in $OUT (default
+# /tmp/vpfast-gpu). Python packages the machine lacks travel as wheels in .whl/ (installed first).
+set -uo pipefail
+OUT=${OUT:-/tmp/vpfast-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+PY=python3
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+PYTEST=($PY -m pytest -p no:cacheprovider -q)
+MARK=$(mktemp)  # results written after this are copied to $OUT
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, report the status
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $((SECONDS - start)) s"
+    tail -n 25 "$OUT/$name.log"
+}
+
+for name in "$@"; do
+    case $name in
+        env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, \
+triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'" ;;
+        build) step build 400 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
+torch.cuda.get_device_capability())') $PY -m pip install --no-build-isolation --no-deps -e . && $PY -m vpfast info" ;;
+        gpu) step gpu 400 "${PYTEST[@]}" -m gpu tests ;;
+        suite) step suite 400 "${PYTEST[@]}" -m "not gpu and not aot" -n 8 tests ;;
+        bench-mix) step bench-mix 500 "${PYTEST[@]}" bench/test_token_mix_bench.py ;;
+        bench-compose) step bench-compose 550 "${PYTEST[@]}" bench/test_compose_bench.py ;;
+        bench-evp) step bench-evp 400 "${PYTEST[@]}" bench/test_evp_step_bench.py ;;
+        wheel) step wheel 400 bash -c "$PY -m pip install -q --no-deps --no-compile --target /tmp/wheel dist/*.whl \
+&& cp -r tests /tmp/wheel-tests && cd /tmp && PYTHONPATH=/tmp/wheel:\${PYTHONPATH:-} $PY -m vpfast info \
+&& PYTHONPATH=/tmp/wheel:\${PYTHONPATH:-} ${PYTEST[*]} -m gpu --rootdir /tmp/wheel-tests /tmp/wheel-tests" ;;
+        *) echo "unknown step $name" >&2; exit 2 ;;
+    esac
+    find bench/results -name "*.json" -newer "$MARK" -exec cp {} "$OUT"/ \;
+done
