@@ -11,7 +11,7 @@ from vpfast.optim import NormalizedSGD, cosine_per_epoch
 from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
 from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
-from vpfast.train.config import TrainConfig
+from vpfast.train.config import PIXEL_METHODS, TrainConfig
 
 IMAGENET_CLASSES = 1000
 
@@ -38,18 +38,31 @@ class PromptedClassifier(nn.Module):
     """prompter -> frozen backbone -> label mapping: uint8 images in, target-class logits out.
 
     With ``tokens`` (PGN), the prompter only normalizes, ``tokens`` turns the normalized images into
-    prompt tokens and the backbone (a ViT) runs with them appended.
+    prompt tokens and the backbone (a ViT) runs with them appended. With ``adapter`` (methods that
+    prompt inside the backbone), the prompter only normalizes and ``adapter`` runs the backbone: it
+    maps normalized images to source logits, and may offer ``auxiliary_loss()``, a term computed in
+    its last forward that training adds to the cross-entropy.
     """
 
     def __init__(self, prompter: nn.Module, backbone: backbones.FrozenClassifier, mapping: nn.Module | None,
-                 tokens: nn.Module | None = None) -> None:
+                 tokens: nn.Module | None = None, adapter: nn.Module | None = None) -> None:
         super().__init__()
+        if tokens is not None and adapter is not None:
+            raise ValueError("PromptedClassifier takes tokens or an adapter, not both")
         self.prompter, self.backbone, self.mapping, self.tokens = prompter, backbone, mapping, tokens
+        self.adapter = adapter
         self.vit = None if tokens is None else PromptedViT(backbone)
 
     def source_logits(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prompter(images)
+        if self.adapter is not None:
+            return self.adapter(x)
         return self.backbone(x) if self.tokens is None else self.vit(x, self.tokens(x))
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The adapter's extra loss term from the last forward, or None."""
+        extra = getattr(self.adapter, "auxiliary_loss", None)
+        return None if extra is None else extra()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.source_logits(images)
@@ -57,19 +70,23 @@ class PromptedClassifier(nn.Module):
 
     @property
     def trained(self) -> nn.Module:
-        """The module the optimizer trains: the pixel prompter, or the token generator."""
+        """The module the optimizer trains: the pixel prompter, the token generator or the adapter."""
+        if self.adapter is not None:
+            return self.adapter
         return self.prompter if self.tokens is None else self.tokens
 
     @property
     def num_trainable(self) -> int:
-        """Trained values: the visible prompt entries of a pixel prompter, or every generator parameter."""
-        if self.tokens is None:
+        """Trained values: the visible prompt entries of a pixel prompter, or every trainable parameter of
+        the token generator or the adapter."""
+        if self.tokens is None and self.adapter is None:
             return self.prompter.num_trainable
-        return sum(p.numel() for p in self.tokens.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.trained.parameters() if p.requires_grad)
 
     def _parts(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in (("prompter", self.prompter), ("tokens", self.tokens),
-                                        ("mapping", self.mapping)) if m is not None}
+        parts = (("prompter", self.prompter), ("tokens", self.tokens), ("adapter", self.adapter),
+                 ("mapping", self.mapping))
+        return {name: m for name, m in parts if m is not None}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint saves: the prompter (prompt and generator state), PGN and the label mapping."""
@@ -103,7 +120,7 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
 def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module:
     """The method's prompter, sized to the backbone's input and normalized with its mean/std."""
     size = cfg.image_size or backbone.input_size[0]
-    if cfg.method == "pgn":
+    if cfg.method not in PIXEL_METHODS:
         return Normalizer(size, backbone.mean, backbone.std)
     scaled = max(1, round(30 * size / 224))
     diversity = Diversity(p=cfg.diversity) if cfg.diversity > 0 else None
@@ -125,6 +142,11 @@ def build_tokens(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.M
     except TypeError as exc:
         raise ValueError(f"--method pgn needs a ViT backbone, and {cfg.model} is not one: {exc}") from exc
     return PGN(cfg.num_prompts, cfg.library_size, dim, input_size=cfg.image_size or backbone.input_size[0])
+
+
+def build_adapter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module | None:
+    """The module that prompts inside the backbone for methods that do (none of the pixel methods or PGN)."""
+    return None
 
 
 def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_classes: int) -> nn.Module | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from vpfast.ops.compose import check_choice
 
 METHODS = ("evp", "pad", "patch", "pgn")
+PIXEL_METHODS = ("evp", "pad", "patch")  # methods whose prompt is a picture; the others see normalized images
 OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
 LABEL_MAPPINGS = ("first-k", "frequency")
 

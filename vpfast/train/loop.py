@@ -20,13 +20,14 @@ from tqdm import tqdm
 from vpfast.train import checkpoint, data
 from vpfast.train.build import (
     PromptedClassifier,
+    build_adapter,
     build_backbone,
     build_mapping,
     build_optimizer,
     build_prompter,
     build_tokens,
 )
-from vpfast.train.config import TrainConfig
+from vpfast.train.config import PIXEL_METHODS, TrainConfig
 from vpfast.train.metrics import MetricsLog, plot
 
 
@@ -112,7 +113,7 @@ def build_run(cfg: TrainConfig, device: torch.device):
     train, val, test, classes = load_datasets(cfg, cfg.image_size or 224)
     backbone = build_backbone(cfg, classes, device)
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)),
-                               build_tokens(cfg, backbone))
+                               build_tokens(cfg, backbone), build_adapter(cfg, backbone))
     return model.to(device), (train, val, test), classes
 
 
@@ -169,6 +170,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             for images, labels in bar:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 loss = F.cross_entropy(ddp(images), labels)
+                extra = model.auxiliary_loss()
+                if extra is not None:
+                    loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -209,7 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     }
     if main_rank:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        if model.tokens is None:
+        if cfg.method in PIXEL_METHODS:
             model.prompter.to_image().save(out / "prompt.png")
         plot(out / "metrics.jsonl", out / "training.png")
     return results
