@@ -105,7 +105,7 @@ def test_cli_train_pad_prompter_on_packaged_efficientnet(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "vpt"], r"method must be one of \('evp', 'pad', 'patch', 'pgn'\), got 'vpt'"),
+    (["--method", "bogus"], r"method must be one of \('evp', 'pad', 'patch', 'pgn'.*\), got 'bogus'"),
     (["--model", "ViT-B-32"], r"model must be open_clip:NAME, timm:NAME or torchvision:NAME, got 'ViT-B-32'"),
     (["--optimizer", "lion"], r"optimizer must be one of .*got 'lion'"),
     (["--diversity", "2"], r"diversity must be a probability in \[0, 1\], got 2.0"),
