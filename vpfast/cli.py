@@ -103,6 +103,20 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vpfast.export import export_pixel_prompts
+
+    print(f"pixel prompts written to {export_pixel_prompts(args.run, args.out)}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("export", help="a trained PGN run as pixel prompts (generator + patch inverse)")
+    parser.add_argument("run", help="a run directory (its best checkpoint is used) or a checkpoint directory")
+    parser.add_argument("--out", help="output .safetensors (default: <run>/pixel_prompts.safetensors)")
+    parser.set_defaults(handler=_export)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from vpfast import demo
 
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_train(commands)
     _add_eval(commands)
+    _add_export(commands)
     _add_demo(commands)
     return parser
 

@@ -86,6 +86,51 @@ def _check_positions(positions: Sequence[int] | torch.Tensor, num_prompts: int, 
     return positions
 
 
+@dataclass(frozen=True)
+class PatchInverse:
+    """The linear map from prompt tokens to pixel patches at fixed positions: what a pixel deployment keeps.
+
+    ``patch = (t - offset_k) @ pinv.T`` with ``offset_k`` the positional embedding (plus the patch bias) at
+    position k; ``matrix`` (d, 3 p^2) is the patch embedding, kept to report the residual. float64.
+    """
+
+    matrix: torch.Tensor
+    pinv: torch.Tensor
+    offset: torch.Tensor
+    positions: torch.Tensor
+    patch_shape: tuple[int, int, int]
+    exact: bool
+
+    def invert(self, prompts: torch.Tensor) -> InvertedPrompts:
+        """Patches for ``prompts`` ((M, d) or (B, M, d)), in their dtype, differentiable with respect to them."""
+        num_prompts, dim = self.offset.shape
+        if prompts.dim() not in (2, 3) or tuple(prompts.shape[-2:]) != (num_prompts, dim):
+            raise ValueError(f"prompts must be (M, d) or (B, M, d) with M = {num_prompts} and d = {dim}, "
+                             f"got shape {tuple(prompts.shape)}")
+        target = prompts.double() - self.offset.to(prompts.device)
+        pixels = target @ self.pinv.to(prompts.device).t()  # (..., M, 3 p^2)
+        error = pixels @ self.matrix.to(prompts.device).t() - target
+        residual = error.norm(dim=-1) / prompts.double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        patches = pixels.to(prompts.dtype).unflatten(-1, self.patch_shape)
+        return InvertedPrompts(patches, self.positions, residual.detach().to(prompts.dtype), self.exact)
+
+
+def patch_inverse(vit: PromptedViT, num_prompts: int, positions: Sequence[int] | torch.Tensor | None = None,
+                  device: torch.device | str | None = None) -> PatchInverse:
+    """The pseudo-inverse of ``vit``'s patch embedding for ``num_prompts`` prompts at ``positions``."""
+    if positions is None:
+        positions = default_positions(num_prompts, vit.grid_size)
+    positions = _check_positions(positions, num_prompts, vit.grid_size[0] * vit.grid_size[1])
+    weight, bias = vit.linear_patch_embedding()
+    as_float64 = {"device": device if device is not None else weight.device, "dtype": torch.float64}
+    matrix = weight.detach().to(**as_float64).flatten(1)  # (d, 3 p^2), columns in (channel, row, column) order
+    offset = vit.patch_positional_embedding().detach().to(**as_float64)[positions.to(as_float64["device"])]
+    if bias is not None:
+        offset = offset + bias.detach().to(**as_float64)
+    exact = int(torch.linalg.matrix_rank(matrix)) == matrix.shape[0]
+    return PatchInverse(matrix, torch.linalg.pinv(matrix), offset, positions, tuple(weight.shape[1:]), exact)
+
+
 def invert_prompts(
     vit: PromptedViT,
     prompts: torch.Tensor,
@@ -98,23 +143,7 @@ def invert_prompts(
     """
     if prompts.dim() not in (2, 3) or prompts.shape[-1] != vit.dim:
         raise ValueError(f"prompts must be (M, d) or (B, M, d) with d = {vit.dim}, got shape {tuple(prompts.shape)}")
-    num_prompts = prompts.shape[-2]
-    if positions is None:
-        positions = default_positions(num_prompts, vit.grid_size)
-    positions = _check_positions(positions, num_prompts, vit.grid_size[0] * vit.grid_size[1])
-    weight, bias = vit.linear_patch_embedding()
-    as_float64 = {"device": prompts.device, "dtype": torch.float64}
-    matrix = weight.detach().to(**as_float64).flatten(1)  # (d, 3 p^2), columns in (channel, row, column) order
-    offset = vit.patch_positional_embedding().detach().to(**as_float64)[positions.to(prompts.device)]  # (M, d)
-    if bias is not None:
-        offset = offset + bias.detach().to(**as_float64)
-    target = prompts.double() - offset
-    pixels = target @ torch.linalg.pinv(matrix).t()  # (..., M, 3 p^2)
-    error = pixels @ matrix.t() - target
-    residual = error.norm(dim=-1) / prompts.double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
-    exact = int(torch.linalg.matrix_rank(matrix)) == matrix.shape[0]
-    patches = pixels.to(prompts.dtype).unflatten(-1, tuple(weight.shape[1:]))
-    return InvertedPrompts(patches, positions, residual.detach().to(prompts.dtype), exact)
+    return patch_inverse(vit, prompts.shape[-2], positions, prompts.device).invert(prompts)
 
 
 def paste_patches(images: torch.Tensor, inverted: InvertedPrompts) -> torch.Tensor:

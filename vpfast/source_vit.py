@@ -1,0 +1,104 @@
+"""A small ViT pretrained here on a packaged source task, for the demos of token-prompting methods.
+
+No ViT weights ship in a pip package, and prompting a random-weight ViT shows nothing. This trains a
+4-block timm ViT (patch 4 on 32 px, width 96, 0.45 M parameters) on the 4,000 packaged MNIST training
+digits, once, and caches it as a timm local directory (``config.json`` + ``model.safetensors``) under
+``$VPFAST_CACHE`` or ``~/.cache/vpfast``: ``timm.create_model("local-dir:<dir>", pretrained=True)``
+or ``vpfast train --model timm:local-dir:<dir> --pretrained true`` load it. The demo then adapts it
+to another task (scikit-learn's 8 x 8 digits: other writers, another scanner, 4x upsampled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ARCHITECTURE = "vit_tiny_patch16_224"
+MODEL_ARGS = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=10)
+RECIPE = dict(epochs=12, batch_size=128, lr=3e-3, weight_decay=0.05, seed=0)
+VERSION = 1  # part of the cache directory's name: bump it when MODEL_ARGS or RECIPE change
+
+
+def cache_root() -> Path:
+    """``$VPFAST_CACHE``, else ``$XDG_CACHE_HOME/vpfast``, else ``~/.cache/vpfast``."""
+    if os.environ.get("VPFAST_CACHE"):
+        return Path(os.environ["VPFAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpfast"
+
+
+def _normalized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, h, w) -> the ViT's input: bilinear to ``size``, then (x - 0.5) / 0.5 (timm's ViT mean/std)."""
+    from vpfast.ops.compose import compose
+
+    zero = torch.zeros(3, size, size)
+    half = torch.full((3,), 0.5)
+    return compose(images, zero, inner_size=size, mean=half, std=half)
+
+
+def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        predictions = torch.cat([model(_normalized(chunk, size)).argmax(1) for chunk in images.split(512)])
+    return (predictions == labels).float().mean().item()
+
+
+def train_source_vit(directory: Path, progress: bool = True) -> dict:
+    """Train the source ViT on packaged MNIST and save it to ``directory``; returns its record."""
+    import timm
+    from timm.models import save_for_hf
+
+    from vpfast.train.data import epoch_batches, load_packaged
+
+    torch.manual_seed(RECIPE["seed"])
+    train, test = load_packaged("mnist", seed=RECIPE["seed"])
+    model = timm.create_model(ARCHITECTURE, pretrained=False, **MODEL_ARGS)
+    size = MODEL_ARGS["img_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
+    steps = RECIPE["epochs"] * -(-len(train) // RECIPE["batch_size"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, RECIPE["lr"], total_steps=steps, pct_start=0.15)
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc="pretraining the source ViT on MNIST (once)", disable=not progress)
+    for epoch in range(RECIPE["epochs"]):
+        model.train()
+        for batch in epoch_batches(len(train), RECIPE["batch_size"], RECIPE["seed"], epoch):
+            loss = F.cross_entropy(model(_normalized(train.images[batch], size)), train.labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    record = {"architecture": ARCHITECTURE, "model_args": MODEL_ARGS, "recipe": RECIPE, "source_task": "mnist",
+              "train_images": len(train), "test_acc": _accuracy(model, test.images, test.labels, size),
+              "seconds": time.perf_counter() - started, "version": VERSION}
+    save_for_hf(model.eval(), directory, model_args=MODEL_ARGS, safe_serialization=True)
+    (directory / "source.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def source_vit(progress: bool = True) -> Path:
+    """The cached source ViT's directory, training it first if it is not there (written atomically)."""
+    target = cache_root() / f"source-vit-mnist-v{VERSION}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".source-vit-", dir=target.parent))
+    try:
+        train_source_vit(staging, progress)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
