@@ -12,6 +12,7 @@ Knobs (environment variables):
     TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default "8.0;9.0")
     MAX_JOBS              parallel compile jobs (read by torch's ninja build)
     NVCC_THREADS          nvcc --threads, architectures compiled in parallel per file (default 2)
+    VPFAST_LOCAL_VERSION  a PEP 440 local version label for the wheel, e.g. "cu130" -> 0.1.0+cu130
 
 Every build writes ``vpfast/_build_info.json`` (versions, architectures, commit), which
 ``vpfast._extension`` checks against the running torch before loading the extension.
@@ -31,7 +32,9 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = runpy.run_path(str(ROOT / "vpfast" / "version.py"))["__version__"]
-TORCH_TARGET = (2, 10)  # oldest torch whose stable ABI has everything csrc/ uses
+TORCH_TARGET = (2, 10)  # oldest torch whose stable ABI has everything csrc/ uses (2.9's lacks TORCH_BOX, ...)
+REQUIREMENTS = ["triton; platform_system == 'Linux'", "numpy", "safetensors", "tqdm", "matplotlib"]
+PURE_TORCH = "torch>=2.6"  # torch.library custom ops with autograd and fake registrations
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -126,13 +129,18 @@ def write_build_info(info: dict) -> None:
     (ROOT / "vpfast" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-build_info: dict = {"version": VERSION, "extension": False, "cuda_kernels": False}
+label = os.environ.get("VPFAST_LOCAL_VERSION", "").strip()
+version = f"{VERSION}+{label}" if label else VERSION
+build_info: dict = {"version": version, "extension": False, "cuda_kernels": False}
 build_args = {} if env_flag("VPFAST_SKIP_EXT") else extension_build(build_info)
 write_build_info(build_info)
+# A stable-ABI extension loads into every torch from TORCH_TARGET on: that is the wheel's torch range.
+torch_requirement = "torch>={}.{}".format(*TORCH_TARGET) if build_info["extension"] else PURE_TORCH
 
 kernel_packages = ["vpfast.kernels"] + [f"vpfast.kernels.{p}" for p in find_packages("kernels")]
 setup(
-    version=VERSION,
+    version=version,
+    install_requires=[torch_requirement, *REQUIREMENTS],
     packages=find_packages(include=["vpfast", "vpfast.*"]) + kernel_packages,
     package_dir={"vpfast.kernels": "kernels"},
     package_data={"vpfast": ["_build_info.json"]},

@@ -147,3 +147,15 @@ def test_info_json():
     assert report["backends_error"] == ""
     for row in report["backends"].values():
         assert set(row) == {"cpu", "cuda"}
+
+
+def test_selftest_passes_and_can_fail(capsys, monkeypatch):
+    from vpfast import selftest
+    from vpfast.cli import main
+
+    assert main(["selftest"]) == 0
+    out = capsys.readouterr().out
+    assert "ok   compose on CPU" in out and "ok   token_mix on CPU" in out and "FAIL" not in out
+    monkeypatch.setattr(selftest, "check_compose", lambda generator: 1.0)  # a wrong result must be reported
+    assert main(["selftest"]) == 1
+    assert "FAIL compose on CPU" in capsys.readouterr().out

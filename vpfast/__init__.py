@@ -11,6 +11,8 @@ from vpfast.optim import NormalizedSGD, cosine_per_epoch  # noqa: E402
 from vpfast.pgn import PGN  # noqa: E402
 from vpfast.prompt_tokens import PromptedViT  # noqa: E402
 from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter, PadPrompter, PatchPrompter  # noqa: E402
+from vpfast.protuning import ProTuning  # noqa: E402
+from vpfast.provp import ProVP  # noqa: E402
 
 __all__ = [
     "CLIP_MEAN",
@@ -21,6 +23,8 @@ __all__ = [
     "PGN",
     "PadPrompter",
     "PatchPrompter",
+    "ProTuning",
+    "ProVP",
     "PromptedViT",
     "__version__",
     "cosine_per_epoch",

@@ -117,6 +117,18 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_export)
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    from vpfast import selftest
+
+    return selftest.main()
+
+
+def _add_selftest(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("selftest", help="check this install: every op on CPU against its reference, "
+                                                  "CUDA kernels registered")
+    parser.set_defaults(handler=_selftest)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from vpfast import demo
 
@@ -143,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_export(commands)
+    _add_selftest(commands)
     _add_demo(commands)
     return parser
 

@@ -62,7 +62,7 @@ def collect() -> dict:
     ext = _extension.status()
     backends, backends_error = _backends()
     return {
-        "vpfast": vpfast.__version__,
+        "vpfast": ext.build_info.get("version") or vpfast.__version__,  # with the wheel's label, e.g. +cu130
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,

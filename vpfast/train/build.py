@@ -11,7 +11,9 @@ from vpfast.optim import NormalizedSGD, cosine_per_epoch
 from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
 from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
+from vpfast.protuning import ProTuningAdapter
 from vpfast.train.config import PIXEL_METHODS, TrainConfig
+from vpfast.train.provp import PROVP_METHODS, build_provp_adapter
 
 IMAGENET_CLASSES = 1000
 
@@ -145,8 +147,16 @@ def build_tokens(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.M
 
 
 def build_adapter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module | None:
-    """The module that prompts inside the backbone for methods that do (none of the pixel methods or PGN)."""
-    return None
+    """The module that prompts inside the backbone for methods that do: ProVP/VPT deep prompts, Pro-tuning's
+    stage prompt blocks."""
+    if cfg.method in PROVP_METHODS:  # ProVP-Ref and VPT: deep prompt tokens
+        return build_provp_adapter(cfg, backbone)
+    if cfg.method != "protuning":
+        return None
+    try:
+        return ProTuningAdapter(backbone, ratio=cfg.block_ratio, vit_stages=cfg.vit_stages)
+    except TypeError as exc:
+        raise ValueError(f"--method protuning cannot prompt {cfg.model}: {exc}") from exc
 
 
 def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_classes: int) -> nn.Module | None:

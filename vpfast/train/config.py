@@ -5,6 +5,9 @@ Defaults reproduce the released recipes (METHODS.md): EVP trains a zero-initiali
 1000 epochs, gradient norm over the whole canvas; the Bahng pad/patch prompters train with
 SGD lr 40, momentum 0.9 and cosine; PGN (ViT backbones only) trains its generator and token
 library with SGD lr 0.1, momentum 0.9, a linear warmup over half the epochs, then cosine to lr/100.
+Pro-tuning has no released code: its prompt blocks train with Adam at lr 1e-3 and cosine, our
+choice, not the paper's [NOT VERIFIED]. ProVP-Ref and VPT train their deep prompts with SGD lr 0.1,
+momentum 0.9 and cosine; the rest of their recipe is in vpfast/train/provp.py.
 Every field can be overridden.
 """
 
@@ -16,15 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpfast.ops.compose import check_choice
+from vpfast.train import provp
 
-METHODS = ("evp", "pad", "patch", "pgn")
+METHODS = ("evp", "pad", "patch", "pgn", "protuning", "provp", "vpt")
 PIXEL_METHODS = ("evp", "pad", "patch")  # methods whose prompt is a picture; the others see normalized images
 OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
 LABEL_MAPPINGS = ("first-k", "frequency")
 
 # method -> (optimizer, lr, momentum)
 RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "patch": ("sgd", 40.0, 0.9),
-           "pgn": ("sgd", 0.1, 0.9)}
+           "pgn": ("sgd", 0.1, 0.9),
+           # Pro-tuning: no released recipe; Adam at 1e-3 for the zero-initialized blocks is our choice [NOT VERIFIED]
+           "protuning": ("adam", 1e-3, 0.0),
+           "provp": ("sgd", 0.1, 0.9), "vpt": ("sgd", 0.1, 0.9)}  # more of their recipe: vpfast/train/provp.py
 
 
 @dataclass
@@ -49,12 +56,20 @@ class TrainConfig:
     optimizer: str | None = None
     lr: float | None = None
     momentum: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # default: 5e-4 for ProVP, 1e-4 for VPT, else 0
     epochs: int = 1000
     warmup_epochs: int | None = None  # linear warmup (default: half the epochs for PGN, else none)
     min_lr_ratio: float | None = None  # cosine floor as a fraction of lr (default: 0.01 for PGN, else 0)
-    num_prompts: int = 16  # PGN: prompt tokens per image
+    num_prompts: int = 16  # PGN: prompt tokens per image; ProVP/VPT: prompt tokens per layer
     library_size: int = 256  # PGN: tokens in the library
+    block_ratio: int = 4  # Pro-tuning: prompt block hidden width = stage width / block_ratio
+    vit_stages: int = 4  # Pro-tuning on ViTs: groups of transformer blocks, one prompt block each
+    alpha: float | None = None  # ProVP: share of the previous layer's prompt outputs (default 0.01; VPT: 0)
+    deep: bool = True  # ProVP/VPT: prompts in every layer (--no-deep: VPT-shallow, layer 0 only)
+    ref_weight: float | None = None  # ProVP: weight of the feature re-formation loss (default 1.0; VPT: 0)
+    ref_temperature: float = 1.0  # ProVP: temperature of the re-formation InfoNCE (released: 1)
+    shots: int | None = None  # few-shot protocol: K training images per class, drawn with the seed
+    base_to_novel: bool = False  # train on the first half of the classes; report base, novel, harmonic mean
     batch_size: int = 256
     label_mapping: str = "frequency"  # ImageNet classifiers only; CLIP uses its zero-shot head
     mapping_refresh: int | None = None  # epochs between frequency-mapping refreshes (None: once)
@@ -75,6 +90,7 @@ class TrainConfig:
         """A copy with the method's recipe filled in and every choice checked."""
         cfg = dataclasses.replace(self)
         check_choice("method", cfg.method, METHODS)
+        provp.resolve(cfg)
         optimizer, lr, momentum = RECIPES[cfg.method]
         cfg.optimizer = cfg.optimizer or optimizer
         cfg.lr = lr if cfg.lr is None else cfg.lr
@@ -88,7 +104,7 @@ class TrainConfig:
         check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
         check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
         check_choice("amp", cfg.amp, (None, "bf16"))
-        for name in ("epochs", "batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "log_every", "block_ratio", "vit_stages"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if not 0 <= cfg.diversity <= 1:

@@ -183,3 +183,66 @@ def batches(dataset, index_batches, num_workers: int = 0) -> Iterator[tuple[torc
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[idx.tolist() for idx in index_batches],
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
     yield from ((x, torch.as_tensor(y)) for x, y in loader)
+
+
+def labels_of(dataset) -> torch.Tensor:
+    """int64 labels of every item, read without decoding images where the dataset allows it."""
+    if isinstance(dataset, TensorImages):
+        return dataset.labels
+    if isinstance(dataset, torch.utils.data.Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for name in ("targets", "labels", "_labels"):  # ImageFolder/CIFAR/MNIST, SVHN, Flowers102 and others
+        if getattr(dataset, name, None) is not None:
+            return torch.as_tensor(getattr(dataset, name), dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def _subset(dataset, index: torch.Tensor, classes: list[str] | None = None, offset: int = 0):
+    """Items ``index`` of ``dataset``; labels shifted down by ``offset`` and renamed ``classes`` if given."""
+    classes = class_names(dataset) if classes is None else classes
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[index], dataset.labels[index] - offset, classes)
+    return _Relabeled(dataset, index.tolist(), offset, classes)
+
+
+class _Relabeled(torch.utils.data.Dataset):
+    """A subset of a dataset whose labels are shifted down by ``offset`` (the novel classes from 0)."""
+
+    def __init__(self, dataset, indices: list[int], offset: int, classes: list[str]) -> None:
+        self.dataset, self.indices, self.offset, self.classes = dataset, indices, offset, classes
+        self.targets = (labels_of(dataset)[torch.as_tensor(indices, dtype=torch.long)] - offset).tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[self.indices[index]]
+        return image, int(label) - self.offset
+
+
+def few_shot(dataset, shots: int, seed: int):
+    """K = ``shots`` items per class, drawn with ``seed`` (the few-shot protocol); raises if a class has fewer."""
+    labels = labels_of(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, name in enumerate(class_names(dataset)):
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) < shots:
+            raise ValueError(f"shots must be at most the training images of every class: class {name!r} has "
+                             f"{len(members)}, --shots is {shots}")
+        picked.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return _subset(dataset, torch.cat(picked).sort().values)
+
+
+def num_base_classes(num_classes: int) -> int:
+    """Base-to-novel split: the first ceil(K / 2) classes are base, the others novel (CoOp's split)."""
+    return (num_classes + 1) // 2
+
+
+def class_range(dataset, start: int, stop: int | None = None):
+    """The items whose label is in [start, stop), relabeled from 0 and with those class names."""
+    classes = class_names(dataset)
+    stop = len(classes) if stop is None else stop
+    labels = labels_of(dataset)
+    index = torch.nonzero((labels >= start) & (labels < stop)).flatten()
+    return _subset(dataset, index, classes[start:stop], offset=start)

@@ -1,5 +1,6 @@
 """The training loop behind ``vpfast train``: uint8 batches composed on the device, checkpoints that
-resume exactly, model selection on a validation split, metrics, plots and DistributedDataParallel.
+resume exactly, model selection on a validation split, metrics, plots and DistributedDataParallel;
+the few-shot (``shots``) and base-to-novel (``base_to_novel``) protocols.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its slice of every global batch and the
 gradient is all-reduced before the optimizer step, so the run follows the single-process one.
@@ -52,7 +53,11 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def load_datasets(cfg: TrainConfig, size: int):
-    """(train, val, test, class names): the validation split is held out of the training set."""
+    """(train, val, test, class names): the validation split is held out of the training set.
+
+    ``shots`` keeps K seeded training images per class; ``base_to_novel`` keeps the base classes in train and
+    val (the class names stay all of them, so CLIP's head covers the novel classes too).
+    """
     if cfg.data in data.PACKAGED:
         train, test = data.load_packaged(cfg.data, seed=cfg.seed)
     elif cfg.data.startswith("torchvision:"):
@@ -61,6 +66,11 @@ def load_datasets(cfg: TrainConfig, size: int):
         train, test = data.load_image_folder(cfg.data, size)
     classes = data.class_names(train)
     train, val = data.validation_split(train, cfg.val_fraction, cfg.seed)
+    if cfg.base_to_novel:  # train and select on the base classes; the test set is split when scored
+        base = data.num_base_classes(len(classes))
+        train, val = data.class_range(train, 0, base), data.class_range(val, 0, base)
+    if cfg.shots:
+        train = data.few_shot(train, cfg.shots, cfg.seed)
     if cfg.train_limit:
         train = _limit(train, cfg.train_limit)
     if cfg.test_limit:
@@ -79,15 +89,15 @@ def _limit(dataset, n: int):
 
 @torch.no_grad()
 def evaluate(model: PromptedClassifier, dataset, batch_size: int, device: torch.device, num_workers: int = 0,
-             desc: str = "eval", progress: bool = True) -> float:
-    """Top-1 accuracy of the prompted model on ``dataset``."""
+             desc: str = "eval", progress: bool = True, columns: slice = slice(None)) -> float:
+    """Top-1 accuracy of the prompted model on ``dataset``, among the classes ``columns`` of its logits."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     order = data.epoch_batches(len(dataset), batch_size, seed=0, epoch=0, shuffle=False)
     total = -(-len(dataset) // batch_size)
     for images, labels in tqdm(data.batches(dataset, order, num_workers), total=total, desc=desc, leave=False,
                                disable=not progress):
-        logits = model(images.to(device, non_blocking=True))
+        logits = model(images.to(device, non_blocking=True))[:, columns]
         correct += (logits.argmax(1) == labels.to(device, non_blocking=True)).sum()
     return int(correct) / len(dataset)
 
@@ -103,6 +113,27 @@ def refresh_mapping(model: PromptedClassifier, dataset, cfg: TrainConfig, device
                                total=-(-n // cfg.batch_size), disable=not progress):
         model.mapping.update(model.source_logits(images.to(device, non_blocking=True)), labels.to(device))
     model.mapping.assign()
+
+
+def base_columns(cfg: TrainConfig, num_classes: int) -> slice:
+    """The logits trained and validated on: the base classes under ``base_to_novel``, else all."""
+    return slice(0, data.num_base_classes(num_classes)) if cfg.base_to_novel else slice(None)
+
+
+def base_to_novel_accuracy(model: PromptedClassifier, test_set, num_classes: int, cfg: TrainConfig,
+                           device: torch.device, progress: bool = True) -> dict:
+    """Base test images scored among the base classes, novel ones among the novel classes, and the harmonic mean."""
+    base = data.num_base_classes(num_classes)
+    accuracy = {}
+    for name, start, stop in (("base", 0, base), ("novel", base, None)):
+        subset = data.class_range(test_set, start, stop)
+        if len(subset) == 0:
+            raise ValueError(f"the test set has no images of the {name} classes (is --test-limit too small?)")
+        accuracy[name] = evaluate(model, subset, cfg.batch_size, device, cfg.num_workers, f"test ({name})", progress,
+                                  columns=slice(start, stop))
+    total = accuracy["base"] + accuracy["novel"]
+    harmonic = 2 * accuracy["base"] * accuracy["novel"] / total if total else 0.0
+    return {"base_acc": accuracy["base"], "novel_acc": accuracy["novel"], "harmonic_mean": harmonic}
 
 
 def build_run(cfg: TrainConfig, device: torch.device):
@@ -132,6 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     main_rank = rank == 0
     progress = progress and main_rank
     model, (train_set, val_set, test_set), classes = build_run(cfg, device)
+    columns = base_columns(cfg, len(classes))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0}
     if resume:
@@ -169,7 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             start = time.perf_counter()
             for images, labels in bar:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                loss = F.cross_entropy(ddp(images), labels)
+                loss = F.cross_entropy(ddp(images)[:, columns], labels)
                 extra = model.auxiliary_loss()
                 if extra is not None:
                     loss = loss + extra
@@ -193,7 +225,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             state["train_seconds"] += time.perf_counter() - start
             schedule.step()
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-            val_acc = evaluate(model, val_set, cfg.batch_size, device, cfg.num_workers, "validation", progress)
+            val_acc = evaluate(model, val_set, cfg.batch_size, device, cfg.num_workers, "validation", progress,
+                               columns)
             if main_rank:
                 log.write(step=state["step"], epoch=epoch + 1, val_acc=val_acc)
                 if val_acc > state["best_val"]:
@@ -203,14 +236,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     except KeyboardInterrupt:
         save_last()
         raise
-    model.load_trainable_state(checkpoint.load_tensors(out / "best"))
     results = {
         "method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "steps": state["step"],
-        "best_val_acc": state["best_val"],
-        "test_acc": evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress),
+        "best_val_acc": state["best_val"]}
+    if cfg.base_to_novel:  # ProVP's protocol: the final epoch's prompts, no selection on held-out data
+        results.update(base_to_novel_accuracy(model, test_set, len(classes), cfg, device, progress))
+    else:
+        model.load_trainable_state(checkpoint.load_tensors(out / "best"))
+        results["test_acc"] = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
+    results.update({
         "trainable_params": model.num_trainable,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
-    }
+    })
     if main_rank:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         if cfg.method in PIXEL_METHODS:
@@ -226,7 +263,10 @@ def evaluate_checkpoint(directory: str | Path, data_name: str | None = None, pro
         cfg.data = data_name
     cfg = cfg.resolved()
     device = _device(cfg)
-    model, (_, _, test_set), _ = build_run(cfg, device)
+    model, (_, _, test_set), classes = build_run(cfg, device)
     model.load_trainable_state(checkpoint.load_tensors(directory))
+    if cfg.base_to_novel:
+        return {"checkpoint": str(directory), "data": cfg.data,
+                **base_to_novel_accuracy(model, test_set, len(classes), cfg, device, progress)}
     acc = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
     return {"checkpoint": str(directory), "data": cfg.data, "test_acc": acc}
