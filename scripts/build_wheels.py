@@ -6,8 +6,8 @@
 Targets (default: cu130 pure):
     cu130  torch 2.14.1 (CUDA 13.0), nvcc 13.0 from $CUDA_HOME (default /usr/local/cuda),
            sm_80, sm_90, sm_100, sm_120 and PTX for sm_120; version label +cu130
-    cu128  torch 2.10.0 (CUDA 12.8) and a CUDA 12 toolchain from $CUDA12_HOME; skipped, saying why,
-           when that toolchain is not there (scripts/cuda12_toolchain.sh assembles one)
+    cu128  torch 2.10.0 (CUDA 12.8) and a CUDA 12 toolkit in $CUDA12_HOME; skipped, saying why,
+           when that toolkit is not there
     pure   VPFAST_SKIP_EXT=1: no extension, the Triton kernels and reference paths only; label +pure
 
 Each target builds in its own copy of the source tree (no shared object files) with its own venv;
