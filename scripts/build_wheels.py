@@ -138,6 +138,7 @@ def smoke(target: Target, wheel: Path, work: Path, wheelhouse: Path) -> None:
     outside.mkdir(parents=True, exist_ok=True)
     run([str(python), "-m", "vpfast", "selftest"], cwd=outside)
     run([str(python), "-m", "vpfast", "info"], cwd=outside)
+    shutil.rmtree(python.parent.parent)  # a torch venv is several GB: keep it only when the test fails
 
 
 def main(argv: list[str] | None = None) -> int:
