@@ -19,7 +19,7 @@ from vpfast.inversion import InvertedPrompts, PatchInverse, paste_patches, patch
 from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
 
-FORMAT = "vpfast-pixel-pgn-1"
+FORMAT = "vpfast-pixel-pgn-2"
 
 
 class PixelPGN(nn.Module):
@@ -54,7 +54,7 @@ def export_pixel_prompts(run: str | Path, out: str | Path | None = None) -> Path
     vit = PromptedViT(model.backbone)
     inverse = patch_inverse(vit, cfg.num_prompts)
     tensors = {f"generator.{k}": v.contiguous() for k, v in model.tokens.state_dict().items()}
-    tensors.update({"inverse.matrix": inverse.matrix, "inverse.pinv": inverse.pinv, "inverse.offset": inverse.offset,
+    tensors.update({"inverse.matrix": inverse.matrix, "inverse.offset": inverse.offset,
                     "inverse.positions": inverse.positions})
     settings = {"format": FORMAT, "model": cfg.model, "pretrained": cfg.pretrained, "num_prompts": cfg.num_prompts,
                 "library_size": cfg.library_size, "dim": vit.dim, "input_size": model.tokens.input_size,
@@ -78,8 +78,8 @@ def load_pixel_prompts(path: str | Path) -> tuple[PixelPGN, dict]:
     generator = PGN(settings["num_prompts"], settings["library_size"], settings["dim"],
                     generator=settings["generator"], input_size=settings["input_size"])
     generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-    inverse = PatchInverse(tensors["inverse.matrix"], tensors["inverse.pinv"], tensors["inverse.offset"],
-                           tensors["inverse.positions"], tuple(settings["patch_shape"]), settings["exact"])
+    inverse = PatchInverse(tensors["inverse.matrix"], tensors["inverse.offset"], tensors["inverse.positions"],
+                           tuple(settings["patch_shape"]))
     return PixelPGN(generator, inverse), settings
 
 

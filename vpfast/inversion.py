@@ -28,6 +28,7 @@ range or rounds them to 8 bits, either of which adds error (``x * std + mean`` g
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,15 +92,22 @@ class PatchInverse:
     """The linear map from prompt tokens to pixel patches at fixed positions: what a pixel deployment keeps.
 
     ``patch = (t - offset_k) @ pinv.T`` with ``offset_k`` the positional embedding (plus the patch bias) at
-    position k; ``matrix`` (d, 3 p^2) is the patch embedding, kept to report the residual. float64.
+    position k and ``pinv`` the pseudo-inverse of ``matrix`` (d, 3 p^2), the patch embedding. float64.
     """
 
     matrix: torch.Tensor
-    pinv: torch.Tensor
     offset: torch.Tensor
     positions: torch.Tensor
     patch_shape: tuple[int, int, int]
-    exact: bool
+
+    @functools.cached_property
+    def pinv(self) -> torch.Tensor:
+        return torch.linalg.pinv(self.matrix)
+
+    @functools.cached_property
+    def exact(self) -> bool:
+        """Whether the embedding has full row rank d, so every token is reachable."""
+        return int(torch.linalg.matrix_rank(self.matrix)) == self.matrix.shape[0]
 
     def invert(self, prompts: torch.Tensor) -> InvertedPrompts:
         """Patches for ``prompts`` ((M, d) or (B, M, d)), in their dtype, differentiable with respect to them."""
@@ -127,8 +135,7 @@ def patch_inverse(vit: PromptedViT, num_prompts: int, positions: Sequence[int] |
     offset = vit.patch_positional_embedding().detach().to(**as_float64)[positions.to(as_float64["device"])]
     if bias is not None:
         offset = offset + bias.detach().to(**as_float64)
-    exact = int(torch.linalg.matrix_rank(matrix)) == matrix.shape[0]
-    return PatchInverse(matrix, torch.linalg.pinv(matrix), offset, positions, tuple(weight.shape[1:]), exact)
+    return PatchInverse(matrix, offset, positions, tuple(weight.shape[1:]))
 
 
 def invert_prompts(

@@ -36,19 +36,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpfast"
 
 
-def _normalized(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, h, w) -> the ViT's input: bilinear to ``size``, then (x - 0.5) / 0.5 (timm's ViT mean/std)."""
-    from vpfast.ops.compose import compose
-
-    zero = torch.zeros(3, size, size)
-    half = torch.full((3,), 0.5)
-    return compose(images, zero, inner_size=size, mean=half, std=half)
-
-
-def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int) -> float:
+def _accuracy(model: torch.nn.Module, normalize: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        predictions = torch.cat([model(_normalized(chunk, size)).argmax(1) for chunk in images.split(512)])
+        predictions = torch.cat([model(normalize(chunk)).argmax(1) for chunk in images.split(512)])
     return (predictions == labels).float().mean().item()
 
 
@@ -57,12 +48,13 @@ def train_source_vit(directory: Path, progress: bool = True) -> dict:
     import timm
     from timm.models import save_for_hf
 
+    from vpfast.train.build import Normalizer
     from vpfast.train.data import epoch_batches, load_packaged
 
     torch.manual_seed(RECIPE["seed"])
     train, test = load_packaged(RECIPE["source"], seed=RECIPE["seed"])
     model = timm.create_model(ARCHITECTURE, pretrained=False, **MODEL_ARGS)
-    size = MODEL_ARGS["img_size"]
+    normalize = Normalizer(MODEL_ARGS["img_size"], mean=(0.5,) * 3, std=(0.5,) * 3)  # timm's ViT mean and std
     optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
     steps = RECIPE["epochs"] * -(-len(train) // RECIPE["batch_size"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, RECIPE["lr"], total_steps=steps, pct_start=0.15)
@@ -71,7 +63,7 @@ def train_source_vit(directory: Path, progress: bool = True) -> dict:
     for epoch in range(RECIPE["epochs"]):
         model.train()
         for batch in epoch_batches(len(train), RECIPE["batch_size"], RECIPE["seed"], epoch):
-            loss = F.cross_entropy(model(_normalized(train.images[batch], size)), train.labels[batch])
+            loss = F.cross_entropy(model(normalize(train.images[batch])), train.labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -80,7 +72,7 @@ def train_source_vit(directory: Path, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     record = {"architecture": ARCHITECTURE, "model_args": MODEL_ARGS, "recipe": RECIPE,
-              "train_images": len(train), "test_acc": _accuracy(model, test.images, test.labels, size),
+              "train_images": len(train), "test_acc": _accuracy(model, normalize, test.images, test.labels),
               "seconds": time.perf_counter() - started, "version": VERSION}
     save_for_hf(model.eval(), directory, model_args=MODEL_ARGS, safe_serialization=True)
     (directory / "source.json").write_text(json.dumps(record, indent=1) + "\n")
