@@ -362,10 +362,10 @@ def emulated(tmp_path_factory):
     fn = ctypes.CDLL(str(library_path)).vpfast_token_mix_emulated
     fn.restype = None
     fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3, ctypes.c_double, ctypes.c_int,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-    def run(logits, library, grad=None, *, sm_count=4, tau=1.0, gumbel=False, seed=None, topk=None, hard=False,
+    def run(logits, library, grad=None, *, chunk_rows=0, tau=1.0, gumbel=False, seed=None, topk=None, hard=False,
             activation="softmax"):
         z, t = logits.contiguous(), library.contiguous()
         (batch, m, n), d = z.shape, t.shape[1]
@@ -373,7 +373,7 @@ def emulated(tmp_path_factory):
         dz = torch.full_like(z, math.nan)
         dp = grad.contiguous() if grad is not None else None
         fn(codes[z.dtype], None if dp is None else dp.data_ptr(), z.data_ptr(), t.data_ptr(), out.data_ptr(),
-           dz.data_ptr(), batch * m, n, d, tau, gumbel, seed or 0, topk or 0, hard, activation == "sigmoid", sm_count)
+           dz.data_ptr(), batch * m, n, d, tau, gumbel, seed or 0, topk or 0, hard, activation == "sigmoid", chunk_rows)
         return out if grad is None else (dz, out)
 
     return run
@@ -420,8 +420,9 @@ def test_cuda_kernels_emulated_float32(emulated, case, shape):
 @pytest.mark.parametrize("case", [{}, dict(gumbel=True, seed=1, topk=5, tau=0.5), dict(hard=True),
                                   dict(activation="sigmoid")], ids=_ids)
 def test_cuda_kernels_emulated_half_precision(emulated, case, dtype):
-    """The tensor-core path (WMMA, emulated): no worse than twice eager PyTorch's error in that dtype, both
-    measured against the reference in float32 (which shares the kernels' top-k and argmax decisions)."""
+    """The 16-bit path (weights and dA rounded to the dtype, products accumulated in float32): no worse
+    than twice eager PyTorch's error in that dtype, both measured against the reference in float32 (which
+    shares the kernels' top-k and argmax decisions)."""
     shape = (1, 9, 70, 20) if case.get("topk") else (2, 35, 100, 70)
     logits, library = make_inputs(shape, dtype, seed=21)
     grad = torch.randn(shape[0], shape[1], shape[3]).to(dtype)
@@ -434,13 +435,13 @@ def test_cuda_kernels_emulated_half_precision(emulated, case, dtype):
 
 
 @interpreter
-def test_cuda_library_gradient_sums_row_splits(emulated):
-    """Enough rows for two row splits of dT, summed by the launcher (the other cases have one)."""
-    logits, library = make_inputs((1, 300, 16, 8), seed=30)
-    grad = torch.randn(1, 300, 8)
-    _, dz, dt = _grads(token_mix_reference, logits, library, grad, {})
-    got_dz, got_dt = emulated(logits, library, grad, sm_count=8)
-    assert rel_err(got_dz, dz) < 1e-5 and rel_err(got_dt, dt) < 1e-5
+@pytest.mark.parametrize("case", [{}, dict(hard=True), dict(gumbel=True, seed=5, topk=3)], ids=_ids)
+def test_cuda_forward_in_row_chunks(emulated, case):
+    """The forward writes its weights chunk by chunk (ragged last chunk): the same P as one chunk."""
+    logits, library = make_inputs((2, 11, 9, 6), seed=31)
+    expected = token_mix_reference(logits, library, **case)
+    for chunk_rows in (1, 4, 22):
+        assert rel_err(emulated(logits, library, chunk_rows=chunk_rows, **case), expected) < 1e-5
 
 
 # --------------------------------------------------------------------------- argument errors

@@ -93,3 +93,25 @@ def test_compile_fullgraph_and_cuda_graph():
     torch.cuda.synchronize()
     loss, grad_z, grad_t = results[0]
     assert rel_err(static_loss, loss) < 1e-5 and rel_err(z.grad, grad_z) < 1e-5 and rel_err(t.grad, grad_t) < 1e-5
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_no_batch_sized_temporaries(backward):
+    """Beyond its outputs, an op allocates less than one B x M x N tensor (row statistics and the
+    forward's bounded workspace), whatever cuBLAS keeps cached after a warm-up call."""
+    logits, library, grad = _cuda_inputs(1024, torch.bfloat16, seed=7)
+    args = (logits, library, 1.0, True, 3, 0, False, "softmax")
+
+    def call():
+        if backward:
+            return torch.ops.vpfast.token_mix_backward(grad, *args)
+        return (torch.ops.vpfast.token_mix(*args),)
+
+    call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outputs = call()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - sum(o.nbytes for o in outputs)
+    assert extra < logits.nbytes

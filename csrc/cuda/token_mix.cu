@@ -1,9 +1,9 @@
 // vpfast::token_mix and vpfast::token_mix_backward on CUDA tensors: argument checks, buffers and
 // launches on the current stream (the kernels and what they compute: token_mix_kernels.cuh).
 //
-// Besides the outputs, the forward allocates B*M x 5 floats of row statistics; the backward the same
-// plus `splits` float32 copies of dT (splits from grad_library_splits, at most a few), summed here.
-// Nothing synchronizes with the host, so both ops can be captured in a CUDA graph.
+// Besides the outputs, both ops allocate B*M x 5 floats of row statistics, and the forward a
+// workspace of at most kWorkspaceWeights weights. The products go through aten::mm.out on views of
+// these buffers. Nothing synchronizes with the host, so both ops can be captured in a CUDA graph.
 
 #include <cuda_runtime.h>
 
@@ -14,6 +14,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/shim_utils.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 
@@ -22,26 +23,27 @@
 namespace vpfast::token_mix {
 namespace {
 
+using torch::headeronly::IntHeaderOnlyArrayRef;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// Calls f(scalar_t{}, math_t{}) for the CUDA kernels' dtypes.
+// Calls f(scalar_t{}) for the CUDA kernels' dtypes.
 template <class F>
 void dispatch_cuda_dtype(ScalarType dtype, F&& f) {
   switch (dtype) {
     case ScalarType::Float:
-      return f(float{}, float{});
+      return f(float{});
     case ScalarType::BFloat16:
-      return f(__nv_bfloat16{}, __nv_bfloat16{});
+      return f(__nv_bfloat16{});
     case ScalarType::Half:
-      return f(__half{}, __half{});
+      return f(__half{});
     default:
       STD_TORCH_CHECK(false, "vpfast::token_mix: the CUDA kernels take float32, bfloat16 or float16, got ",
                       torch::headeronly::toString(dtype), " (the Python op runs the reference for float64)");
   }
 }
 
-// Runs `launch`'s kernels on the current stream of the tensors' device, with launch errors checked.
+// Runs a kernel on the current stream of the tensors' device, with launch errors checked.
 struct StreamLauncher {
   cudaStream_t stream;
 
@@ -58,29 +60,56 @@ StreamLauncher launcher_for(const Tensor& t) {
   return StreamLauncher{static_cast<cudaStream_t>(stream)};
 }
 
-void check_cuda(const Tensor& logits, const Tensor& library) {
+// c = a @ b by aten::mm.out on views of the buffers: cuBLAS with torch's handle, stream and workspace,
+// and the math settings the user chose for eager matmuls (TF32, reduced-precision reductions).
+struct AtenGemm {
+  torch::stable::Device device;
+  ScalarType dtype;
+
+  template <class T>
+  Tensor view(MatrixView<T> m) const {
+    const int64_t sizes[] = {m.rows, m.cols}, strides[] = {m.row_stride, m.col_stride};
+    return torch::stable::from_blob(const_cast<void*>(static_cast<const void*>(m.data)),
+                                    IntHeaderOnlyArrayRef(sizes, 2), IntHeaderOnlyArrayRef(strides, 2), device,
+                                    dtype);
+  }
+
+  template <class T>
+  void operator()(MatrixView<T> c, MatrixView<const T> a, MatrixView<const T> b) const {
+    using torch::stable::detail::from;
+    std::array<StableIValue, 3> stack{from(view(a)), from(view(b)), from(view(c))};
+    TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+    torch::stable::detail::to<Tensor>(stack[0]);  // the returned alias of c: released here
+  }
+};
+
+AtenGemm gemm_for(const Tensor& t) {
+  return AtenGemm{torch::stable::Device(torch::stable::DeviceType::CUDA, t.get_device_index()), t.scalar_type()};
+}
+
+void check_cuda(const Tensor& logits) {
   STD_TORCH_CHECK(logits.is_cuda(), "vpfast::token_mix: the CUDA kernel got tensors that are not on a CUDA device");
-  constexpr int64_t kMaxGridY = 65535;
-  STD_TORCH_CHECK(ceil_div(library.size(1), kTile) <= kMaxGridY, "vpfast::token_mix: d must be <= ",
-                  kMaxGridY * kTile, " on CUDA, got ", library.size(1));
 }
 
 Tensor token_mix_cuda(const Tensor& logits, const Tensor& library, double tau, bool gumbel, int64_t seed,
                       int64_t topk, bool hard, std::string activation) {
   const Options o = checked_options(logits, library, tau, gumbel, seed, topk, hard, activation);
-  check_cuda(logits, library);
+  check_cuda(logits);
   const Tensor z = torch::stable::contiguous(logits);
   const Tensor t = torch::stable::contiguous(library);
   const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = t.size(1);
+  const int64_t chunk_rows = weight_chunk_rows(rows, n);
   torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
   Tensor p = torch::stable::new_empty(z, {z.size(0), z.size(1), d});
   Tensor stats = torch::stable::new_empty(z, {rows, 5}, ScalarType::Float);
-  dispatch_cuda_dtype(z.scalar_type(), [&](auto scalar, auto math) {
+  Tensor workspace = torch::stable::new_empty(z, {chunk_rows, n});
+  dispatch_cuda_dtype(z.scalar_type(), [&](auto scalar) {
     using scalar_t = decltype(scalar);
-    forward_launches<scalar_t, decltype(math)>(
-        launcher_for(z), static_cast<const scalar_t*>(z.const_data_ptr()),
-        static_cast<const scalar_t*>(t.const_data_ptr()), static_cast<RowStats*>(stats.mutable_data_ptr()),
-        static_cast<scalar_t*>(p.mutable_data_ptr()), rows, n, d, o);
+    forward_launches<scalar_t>(launcher_for(z), gemm_for(z), static_cast<const scalar_t*>(z.const_data_ptr()),
+                               static_cast<const scalar_t*>(t.const_data_ptr()),
+                               static_cast<RowStats*>(stats.mutable_data_ptr()),
+                               static_cast<scalar_t*>(workspace.mutable_data_ptr()), chunk_rows,
+                               static_cast<scalar_t*>(p.mutable_data_ptr()), rows, n, d, o);
   });
   return p;
 }
@@ -90,33 +119,24 @@ std::tuple<Tensor, Tensor> token_mix_backward_cuda(const Tensor& grad, const Ten
                                                    std::string activation) {
   const Options o = checked_options(logits, library, tau, gumbel, seed, topk, hard, activation);
   check_grad(grad, logits, library);
-  check_cuda(logits, library);
+  check_cuda(logits);
   const Tensor dp = torch::stable::contiguous(grad);
   const Tensor z = torch::stable::contiguous(logits);
   const Tensor t = torch::stable::contiguous(library);
   const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = t.size(1);
-  const int32_t device = z.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  int sm_count = 0;
-  STD_TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
-                  "vpfast::token_mix_backward: cannot read the device's multiprocessor count");
-  const int64_t splits = grad_library_splits(rows, n, d, sm_count);
+  torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
   Tensor dz = torch::stable::new_empty(z, {z.size(0), z.size(1), n});
+  Tensor dt = torch::stable::new_empty(t, {n, d});
   Tensor stats = torch::stable::new_empty(z, {rows, 5}, ScalarType::Float);
-  Tensor partial = torch::stable::new_empty(z, {splits, n, d}, ScalarType::Float);
-  dispatch_cuda_dtype(z.scalar_type(), [&](auto scalar, auto math) {
+  dispatch_cuda_dtype(z.scalar_type(), [&](auto scalar) {
     using scalar_t = decltype(scalar);
-    backward_launches<scalar_t, decltype(math)>(
-        launcher_for(z), static_cast<const scalar_t*>(dp.const_data_ptr()),
-        static_cast<const scalar_t*>(z.const_data_ptr()), static_cast<const scalar_t*>(t.const_data_ptr()),
-        static_cast<RowStats*>(stats.mutable_data_ptr()), static_cast<scalar_t*>(dz.mutable_data_ptr()),
-        static_cast<float*>(partial.mutable_data_ptr()), splits, rows, n, d, o);
+    backward_launches<scalar_t>(launcher_for(z), gemm_for(z), static_cast<const scalar_t*>(dp.const_data_ptr()),
+                                static_cast<const scalar_t*>(z.const_data_ptr()),
+                                static_cast<const scalar_t*>(t.const_data_ptr()),
+                                static_cast<RowStats*>(stats.mutable_data_ptr()),
+                                static_cast<scalar_t*>(dz.mutable_data_ptr()),
+                                static_cast<scalar_t*>(dt.mutable_data_ptr()), rows, n, d, o);
   });
-  const int64_t split_dim[] = {0};
-  Tensor dt = torch::stable::sum(partial, torch::headeronly::IntHeaderOnlyArrayRef(split_dim, 1));
-  if (t.scalar_type() != ScalarType::Float) {
-    dt = torch::stable::to(dt, t.scalar_type());
-  }
   return {dz, dt};
 }
 

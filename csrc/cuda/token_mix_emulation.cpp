@@ -1,13 +1,11 @@
 // The CUDA kernels of token_mix_kernels.cuh run on the CPU, for tests on machines without a GPU.
 //
 // Not part of the extension: tests/test_token_mix.py compiles this file with the host C++ compiler
-// into a small shared library and calls the two extern "C" entry points through ctypes. Each CUDA
-// thread is a std::thread, blocks run one after another (so `__shared__` can be a function-local
-// static), __syncthreads is a std::barrier over the block and warp shuffles exchange through a
-// per-warp slot array. WMMA fragments hold the whole 16 x 16 tile in every lane (the API is
-// warp-collective, so its result does not depend on the hardware's fragment layout); loads and stores
-// check WMMA's alignment rules. What this cannot show: nvcc's code generation, the GPU memory model,
-// real tensor-core rounding, speed.
+// into a small shared library and calls its extern "C" entry point through ctypes. Each CUDA
+// thread is a std::thread, blocks run one after another and warp shuffles exchange through a
+// per-warp slot array. aten::mm is stood in for by a float-accumulating product rounded once to the
+// dtype, which is what cuBLAS computes up to the order of its additions. What this cannot show:
+// nvcc's code generation, the GPU memory model, cuBLAS itself, speed.
 
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
@@ -26,7 +24,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
 #define __launch_bounds__(...)
 
 struct dim3 {
@@ -43,7 +40,6 @@ struct Warp {
   uint64_t slot[32];
 };
 
-thread_local std::barrier<>* block_barrier = nullptr;
 std::vector<std::unique_ptr<Warp>> warps;
 
 [[noreturn]] void fail(const char* what) {
@@ -52,8 +48,6 @@ std::vector<std::unique_ptr<Warp>> warps;
 }
 
 }  // namespace emulation
-
-inline void __syncthreads() { emulation::block_barrier->arrive_and_wait(); }
 
 template <class T>
 T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
@@ -89,78 +83,6 @@ inline __nv_bfloat16 __float2bfloat16(float x) { return __nv_bfloat16(x); }
 inline float __half2float(__half x) { return static_cast<float>(x); }
 inline __half __float2half(float x) { return __half(x); }
 
-namespace nvcuda::wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-enum layout_t { mem_row_major };
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  float v[16][16];
-};
-
-template <class Fragment>
-void fill_fragment(Fragment& f, float x) {
-  for (auto& row : f.v) {
-    for (float& e : row) {
-      e = x;
-    }
-  }
-}
-
-inline void check_alignment(const void* p, unsigned ldm, unsigned ldm_multiple) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
-    emulation::fail("WMMA tile pointer not 32-byte aligned");
-  }
-  if (ldm % ldm_multiple != 0) {
-    emulation::fail("WMMA leading dimension not a multiple of 16 bytes");
-  }
-}
-
-template <class Use, class T>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  check_alignment(p, ldm, 8);
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      f.v[i][j] = static_cast<float>(p[i * ldm + j]);
-    }
-  }
-}
-
-template <class T>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
-              const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
-              const fragment<accumulator, 16, 16, 16, float>& c) {
-  fragment<accumulator, 16, 16, 16, float> out;
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      float sum = c.v[i][j];
-      for (int k = 0; k < 16; ++k) {
-        sum += a.v[i][k] * b.v[k][j];
-      }
-      out.v[i][j] = sum;
-    }
-  }
-  d = out;
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
-  check_alignment(p, ldm, 4);
-  if (threadIdx.x % 32 != 0) {
-    return;  // every lane holds the same tile; one writes it
-  }
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      p[i * ldm + j] = f.v[i][j];
-    }
-  }
-}
-
-}  // namespace nvcuda::wmma
-
 #include "token_mix_kernels.cuh"
 
 namespace vpfast::token_mix {
@@ -174,10 +96,6 @@ struct EmulatedLauncher {
       emulation::fail("blocks must be one-dimensional whole warps");
     }
     const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
-    std::vector<std::unique_ptr<std::barrier<>>> block_barriers;  // fresh per block: threads drop out on return
-    for (int64_t b = 0; b < blocks; ++b) {
-      block_barriers.push_back(std::make_unique<std::barrier<>>(block.x));
-    }
     emulation::warps.clear();
     for (unsigned w = 0; w < block.x / 32; ++w) {
       emulation::warps.push_back(std::make_unique<emulation::Warp>());
@@ -189,15 +107,33 @@ struct EmulatedLauncher {
         threadIdx = dim3(t);
         for (int64_t b = 0; b < blocks; ++b) {
           blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / grid.x / grid.y);
-          emulation::block_barrier = block_barriers[b].get();
           kernel(args...);
-          block_barriers[b]->arrive_and_drop();  // a finished thread no longer holds up __syncthreads
-          between_blocks.arrive_and_wait();       // one block at a time: __shared__ is a static
+          between_blocks.arrive_and_wait();  // one block at a time
         }
       });
     }
     for (std::thread& thread : threads) {
       thread.join();
+    }
+  }
+};
+
+// c = a @ b, float accumulation rounded once to T; the shapes must agree.
+struct EmulatedGemm {
+  template <class T>
+  void operator()(MatrixView<T> c, MatrixView<const T> a, MatrixView<const T> b) const {
+    if (a.rows != c.rows || b.cols != c.cols || a.cols != b.rows) {
+      emulation::fail("gemm operands of mismatched shapes");
+    }
+    for (int64_t i = 0; i < c.rows; ++i) {
+      for (int64_t j = 0; j < c.cols; ++j) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < a.cols; ++k) {
+          sum += static_cast<float>(a.data[i * a.row_stride + k * a.col_stride]) *
+                 static_cast<float>(b.data[k * b.row_stride + j * b.col_stride]);
+        }
+        c.data[i * c.row_stride + j * c.col_stride] = static_cast<T>(sum);
+      }
     }
   }
 };
@@ -214,48 +150,42 @@ Options emulated_options(int64_t n, double tau, int gumbel, int64_t seed, int64_
 
 template <class scalar_t>
 void run(bool backward, const void* dp, const void* z, const void* t, void* out, void* dz, int64_t rows, int64_t n,
-         int64_t d, const Options& o, int sm_count) {
-  using math_t = scalar_t;  // as the CUDA launcher: float FMA tiles, WMMA for the 16-bit types
+         int64_t d, const Options& o, int64_t chunk_rows) {
   std::vector<RowStats> stats(rows);
   const auto* zs = static_cast<const scalar_t*>(z);
   const auto* ts = static_cast<const scalar_t*>(t);
-  if (!backward) {
-    forward_launches<scalar_t, math_t>(EmulatedLauncher{}, zs, ts, stats.data(), static_cast<scalar_t*>(out), rows,
-                                       n, d, o);
+  if (backward) {
+    backward_launches<scalar_t>(EmulatedLauncher{}, EmulatedGemm{}, static_cast<const scalar_t*>(dp), zs, ts,
+                                stats.data(), static_cast<scalar_t*>(dz), static_cast<scalar_t*>(out), rows, n, d, o);
     return;
   }
-  const int64_t splits = grad_library_splits(rows, n, d, sm_count);
-  std::vector<float> partial(splits * n * d, NAN);
-  backward_launches<scalar_t, math_t>(EmulatedLauncher{}, static_cast<const scalar_t*>(dp), zs, ts, stats.data(),
-                                      static_cast<scalar_t*>(dz), partial.data(), splits, rows, n, d, o);
-  auto* dt = static_cast<scalar_t*>(out);
-  for (int64_t i = 0; i < n * d; ++i) {
-    float sum = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      sum += partial[s * n * d + i];
-    }
-    dt[i] = static_cast<scalar_t>(sum);
-  }
+  std::vector<scalar_t> workspace(chunk_rows * n, static_cast<scalar_t>(NAN));
+  forward_launches<scalar_t>(EmulatedLauncher{}, EmulatedGemm{}, zs, ts, stats.data(), workspace.data(), chunk_rows,
+                             static_cast<scalar_t*>(out), rows, n, d, o);
 }
 
 }  // namespace
 }  // namespace vpfast::token_mix
 
 // dtype: 0 float32, 1 bfloat16, 2 float16. Forward: out = P (rows x d). Backward (dp given): dz (rows x n)
-// and out = dT (n x d). sm_count only sets how the library gradient splits the rows.
+// and out = dT (n x d). chunk_rows: rows per forward chunk, 0 for the CUDA launcher's choice.
 extern "C" void vpfast_token_mix_emulated(int dtype, const void* dp, const void* z, const void* t, void* out,
                                           void* dz, int64_t rows, int64_t n, int64_t d, double tau, int gumbel,
-                                          int64_t seed, int64_t topk, int hard, int sigmoid, int sm_count) {
+                                          int64_t seed, int64_t topk, int hard, int sigmoid,
+                                          int64_t chunk_rows) {
   using namespace vpfast::token_mix;
   const Options o = emulated_options(n, tau, gumbel, seed, topk, hard, sigmoid);
   const bool backward = dp != nullptr;
+  if (chunk_rows <= 0) {
+    chunk_rows = weight_chunk_rows(rows, n);
+  }
   switch (dtype) {
     case 0:
-      return run<float>(backward, dp, z, t, out, dz, rows, n, d, o, sm_count);
+      return run<float>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     case 1:
-      return run<__nv_bfloat16>(backward, dp, z, t, out, dz, rows, n, d, o, sm_count);
+      return run<__nv_bfloat16>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     case 2:
-      return run<__half>(backward, dp, z, t, out, dz, rows, n, d, o, sm_count);
+      return run<__half>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     default:
       emulation::fail("unknown dtype code");
   }

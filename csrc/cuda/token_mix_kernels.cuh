@@ -1,51 +1,47 @@
 // CUDA kernels of vpfast::token_mix and vpfast::token_mix_backward (contract: csrc/token_mix.h).
 //
-// No B x M x N weight or gradient tensor is written besides dZ itself. A first kernel computes each
-// row's statistics (max and argmax of S, the softmax normalizer, the top-k threshold, the row's hash
-// key) into a B*M buffer; every later kernel recomputes a weight A[r, n] from Z[r, n] and its row's
-// statistics when it loads it, as FlashAttention recomputes attention weights from the logsumexp:
+// The three products are plain GEMMs, handed to aten::mm (cuBLAS with torch's handle, stream,
+// workspace and math settings: tensor cores for bfloat16/float16, float32 accumulation, the same
+// TF32 choice as eager PyTorch). The kernels here do the row-wise work around them, one warp per row
+// r = b * M + m of S:
 //
-//   forward          P = A_fwd @ T             (A_fwd = onehot(argmax S) in hard mode, else A)
-//   logits grad      dZ = dS / tau, dS = A (dA - rowsum(A dA)) for softmax, A (1 - A) dA for sigmoid,
-//                    dA = dP @ T^T             (A soft also in hard mode: straight-through)
-//   library grad     dT = A_fwd^T @ dP         (split over rows into float32 partials, summed by the caller)
+//   weights          the row's statistics (max and first argmax of S, softmax normalizer, top-k
+//                    threshold, hash key) into a B*M buffer, and the row of the forward weights
+//                    A_fwd (onehot(argmax S) in hard mode, else A) in the input dtype
+//   grad_logits      dZ = dS / tau in place over dA: dS = A (dA - rowsum(A dA)) for softmax,
+//                    A (1 - A) dA for sigmoid, with A the soft weights (straight-through in hard mode)
 //
-// The three products share one tile engine (gemm_tile): the block's 256 threads stage a BM x BK and a
-// BK x BN operand tile in shared memory through loader callbacks (which apply the softmax on the fly)
-// and accumulate a BM x BN float tile: FMA micro-tiles for float32, WMMA 16x16x16 tensor-core tiles
-// with float accumulation for bfloat16 and float16 (the weights are rounded to the input dtype for
-// the tensor cores, as an eager bfloat16 softmax would). Accumulation is always in float32.
+//   forward          P = A_fwd @ T, A_fwd written in row chunks of at most kWorkspaceWeights entries
+//   backward         dZ's own storage holds A_fwd for dT = A_fwd^T @ dP, is overwritten by
+//                    dA = dP @ T^T (rounded to the input dtype, as eager's dA), then by dZ
 //
-// Host-side launch sequences (forward_launches, backward_launches) take a `launch` callback so the
-// same sequence runs from the torch launcher (token_mix.cu) and from the CPU emulation used in the
-// tests (token_mix_emulation.cpp).
+// So no B x M x N tensor is allocated besides dZ itself: the forward's workspace is bounded whatever
+// B, and the backward recomputes A from Z and the row statistics, as FlashAttention recomputes its
+// attention weights from the logsumexp.
+//
+// The launch sequences (forward_launches, backward_launches) take `launch` and `gemm` callbacks, so
+// the same sequence runs from the torch launcher (token_mix.cu) and from the CPU emulation used in
+// the tests (token_mix_emulation.cpp).
 
 #pragma once
 
 #ifdef __CUDACC__  // else the includer provides these (the CPU emulation does)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #endif
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../token_mix.h"
 
 namespace vpfast::token_mix {
 
-// Threads of every GEMM block. Their kernels declare __launch_bounds__(kThreads, 1): with the minimum
-// of blocks per SM left out, nvcc 13.0 capped them at 64 registers and the float dZ kernel spilled.
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kStatsWarps = 4;  // rows per block of the statistics kernel (one warp per row)
-constexpr int kTile = 64;       // BM = BN of the forward and library-gradient tiles
-constexpr int kGradRows = 32;   // BM of the logits-gradient tile (it loops over all N itself)
-constexpr int kTileK = 32;      // BK of every tile
+constexpr int kRowWarps = 4;  // rows per block of the row kernels (one warp per row)
 constexpr uint32_t kNoArgmax = 0xffffffffU;
+// The forward's workspace: at most this many weights (1 MiB in bfloat16) are in memory at once.
+constexpr int64_t kWorkspaceWeights = int64_t{1} << 19;
 
-// What the statistics kernel leaves for each row r = b * M + m.
+// What the weights kernel leaves for each row r = b * M + m.
 struct RowStats {
   float max;        // max of S (kept by top-k)
   float inv_sum;    // 1 / sum of exp(S - max) over the kept entries (softmax)
@@ -54,6 +50,13 @@ struct RowStats {
   uint32_t key;     // the row's Gumbel hash key
 };
 static_assert(sizeof(RowStats) == 5 * sizeof(float), "RowStats is stored as 5 floats per row");
+
+// A matrix in memory: element (i, j) at data[i * row_stride + j * col_stride].
+template <class T>
+struct MatrixView {
+  T* data;
+  int64_t rows, cols, row_stride, col_stride;
+};
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -103,14 +106,25 @@ __device__ float kth_largest(F s_at, int64_t n, int64_t k, int lane) {
   return from_ordered_key(prefix);
 }
 
-// One warp per row: top-k threshold, max and (first) argmax of S, softmax normalizer.
+// A[r, c] of the row zr = Z[r]: the soft weight (softmax or sigmoid of S, 0 outside the top k).
 template <class scalar_t>
-__global__ void __launch_bounds__(kStatsWarps * 32)
-    token_mix_stats_kernel(const scalar_t* __restrict__ z, RowStats* __restrict__ stats, int64_t rows, int64_t n,
-                           Options o) {
+__device__ __forceinline__ float soft_weight(const scalar_t* zr, const RowStats& st, int64_t c, const Options& o,
+                                             float tau) {
+  const float s = logit<float>(to_float(zr[c]), o, tau, st.key, static_cast<uint32_t>(c));
+  if (s < st.threshold) {
+    return 0.f;
+  }
+  return o.sigmoid ? 1.f / (1.f + expf(-s)) : expf(s - st.max) * st.inv_sum;
+}
+
+// Rows [r_begin, r_end): statistics into stats[r], the forward weights A_fwd[r] into w[r - r_begin].
+template <class scalar_t>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    token_mix_weights_kernel(const scalar_t* __restrict__ z, RowStats* __restrict__ stats, scalar_t* __restrict__ w,
+                             int64_t r_begin, int64_t r_end, int64_t n, Options o) {
   const int lane = threadIdx.x % 32;
-  const int64_t r = blockIdx.x * int64_t{kStatsWarps} + threadIdx.x / 32;
-  if (r >= rows) {
+  const int64_t r = r_begin + blockIdx.x * int64_t{kRowWarps} + threadIdx.x / 32;
+  if (r >= r_end) {
     return;  // the whole warp
   }
   const scalar_t* zr = z + r * n;
@@ -143,274 +157,47 @@ __global__ void __launch_bounds__(kStatsWarps * 32)
     }
     sum = warp_sum(sum);
   }
+  const RowStats st{best, 1.f / sum, threshold, arg, key};
   if (lane == 0) {
-    stats[r] = RowStats{best, 1.f / sum, threshold, arg, key};
+    stats[r] = st;
+  }
+  scalar_t* wr = w + (r - r_begin) * n;
+  for (int64_t c = lane; c < n; c += 32) {
+    const float a = o.hard ? (static_cast<uint32_t>(c) == arg ? 1.f : 0.f) : soft_weight(zr, st, c, o, tau);
+    wr[c] = from_float<scalar_t>(a);
   }
 }
 
-// A[r, c]: the soft weight (softmax or sigmoid of S, 0 outside the top k).
+// dz holds dA on entry and dZ on return. The softmax needs delta = rowsum(A dA) before any dZ, so it
+// reads the row twice; each entry is read and rewritten by the same lane.
 template <class scalar_t>
-__device__ __forceinline__ float soft_weight(const scalar_t* z, const RowStats& st, int64_t r, int64_t c, int64_t n,
-                                             const Options& o, float tau) {
-  const float s = logit<float>(to_float(z[r * n + c]), o, tau, st.key, static_cast<uint32_t>(c));
-  if (s < st.threshold) {
-    return 0.f;
-  }
-  return o.sigmoid ? 1.f / (1.f + expf(-s)) : expf(s - st.max) * st.inv_sum;
-}
-
-// A_fwd[r, c]: the weight the forward uses (one-hot of the argmax in hard mode).
-template <class scalar_t>
-__device__ __forceinline__ float forward_weight(const scalar_t* z, const RowStats& st, int64_t r, int64_t c,
-                                                int64_t n, const Options& o, float tau) {
-  if (o.hard) {
-    return static_cast<uint32_t>(c) == st.argmax ? 1.f : 0.f;
-  }
-  return soft_weight(z, st, r, c, n, o, tau);
-}
-
-// ----------------------------------------------------------------------------- tile engine
-
-// Shared memory of one tile: row-major operands in the math type, the float result. The padding keeps
-// WMMA's requirements (ldm a multiple of 8 for 16-bit types, tiles 32-byte aligned) and spreads banks.
-template <class math_t, int BM, int BN, int BK>
-struct TileSmem {
-  static constexpr int kPad = sizeof(math_t) == 2 ? 8 : 4;
-  static constexpr int kLdl = BK + kPad, kLdr = BN + kPad, kLdo = BN + 4;
-  alignas(32) math_t lhs[BM][kLdl];
-  alignas(32) math_t rhs[BK][kLdr];
-  alignas(32) float out[BM][kLdo];
-};
-
-// float32: each thread accumulates TM x TN outputs (rows ty*TM + i, columns tx + j*TX) with FMAs.
-template <int BM, int BN>
-struct SimtAccumulator {
-  static constexpr int TN = 4, TX = BN / TN, TM = BM * BN / kThreads / TN;
-  static_assert(TX * (BM / TM) == kThreads, "the micro-tiles must cover the tile with kThreads threads");
-  float c[TM][TN];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        c[i][j] = 0.f;
-      }
-    }
-  }
-
-  template <class Smem>
-  __device__ __forceinline__ void multiply(const Smem& sm, int bk) {
-    const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
-#pragma unroll 8
-    for (int k = 0; k < bk; ++k) {
-      float a[TM], b[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        a[i] = sm.lhs[ty * TM + i][k];
-      }
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        b[j] = sm.rhs[k][tx + j * TX];
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          c[i][j] = fmaf(a[i], b[j], c[i][j]);
-        }
-      }
-    }
-  }
-
-  template <class Smem>
-  __device__ __forceinline__ void store(Smem& sm) const {
-    const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        sm.out[ty * TM + i][tx + j * TX] = c[i][j];
-      }
-    }
-  }
-};
-
-// bfloat16 / float16: each warp owns kPerWarp 16 x 16 output tiles, WMMA with float accumulation.
-template <class math_t, int BM, int BN>
-struct WmmaAccumulator {
-  static constexpr int kTilesN = BN / 16, kPerWarp = BM / 16 * kTilesN / kWarps;
-  static_assert(kPerWarp * kWarps == BM / 16 * kTilesN, "the 16 x 16 tiles must split evenly over the warps");
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[kPerWarp];
-
-  __device__ __forceinline__ static int tile(int q) { return threadIdx.x / 32 * kPerWarp + q; }
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int q = 0; q < kPerWarp; ++q) {
-      nvcuda::wmma::fill_fragment(c[q], 0.f);
-    }
-  }
-
-  template <class Smem>
-  __device__ __forceinline__ void multiply(const Smem& sm, int bk) {
-    using namespace nvcuda;
-    for (int k = 0; k < bk; k += 16) {
-#pragma unroll
-      for (int q = 0; q < kPerWarp; ++q) {
-        const int tm = tile(q) / kTilesN, tn = tile(q) % kTilesN;
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, math_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, math_t, wmma::row_major> b;
-        wmma::load_matrix_sync(a, &sm.lhs[tm * 16][k], Smem::kLdl);
-        wmma::load_matrix_sync(b, &sm.rhs[k][tn * 16], Smem::kLdr);
-        wmma::mma_sync(c[q], a, b, c[q]);
-      }
-    }
-  }
-
-  template <class Smem>
-  __device__ __forceinline__ void store(Smem& sm) const {
-#pragma unroll
-    for (int q = 0; q < kPerWarp; ++q) {
-      const int tm = tile(q) / kTilesN, tn = tile(q) % kTilesN;
-      nvcuda::wmma::store_matrix_sync(&sm.out[tm * 16][tn * 16], c[q], Smem::kLdo, nvcuda::wmma::mem_row_major);
-    }
-  }
-};
-
-template <class math_t, int BM, int BN>
-using Accumulator = std::conditional_t<std::is_same_v<math_t, float>, SimtAccumulator<BM, BN>,
-                                       WmmaAccumulator<math_t, BM, BN>>;
-
-// sm.out = L @ R over k in [k_begin, k_end), L(row, k) = load_l(row, k) and R(k, col) = load_r(k, col)
-// (floats; the loaders return 0 outside their matrix, the engine zero-fills k >= k_end). The operand
-// tiles are filled with row- or k-fastest thread order so that global reads coalesce. Every thread
-// of the block calls it; sm.out is complete (and readable by all threads) on return.
-template <bool kLhsRowFastest, bool kRhsColFastest, class math_t, int BM, int BN, int BK, class LoadL, class LoadR>
-__device__ __forceinline__ void gemm_tile(TileSmem<math_t, BM, BN, BK>& sm, int64_t k_begin, int64_t k_end,
-                                          LoadL load_l, LoadR load_r) {
-  static_assert(BK % 16 == 0, "BK must be a multiple of the WMMA depth");
-  Accumulator<math_t, BM, BN> acc;
-  acc.zero();
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    __syncthreads();  // every thread is done reading the previous operand tiles
-    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
-      const int row = kLhsRowFastest ? e % BM : e / BK, k = kLhsRowFastest ? e / BM : e % BK;
-      sm.lhs[row][k] = from_float<math_t>(k0 + k < k_end ? load_l(row, k0 + k) : 0.f);
-    }
-    for (int e = threadIdx.x; e < BK * BN; e += kThreads) {
-      const int col = kRhsColFastest ? e % BN : e / BK, k = kRhsColFastest ? e / BN : e % BK;
-      sm.rhs[k][col] = from_float<math_t>(k0 + k < k_end ? load_r(k0 + k, col) : 0.f);
-    }
-    __syncthreads();
-    acc.multiply(sm, BK);
-  }
-  __syncthreads();  // every thread is done reading sm.out of a previous call
-  acc.store(sm);
-  __syncthreads();
-}
-
-// ----------------------------------------------------------------------------- product kernels
-
-// P tile (kTile rows of B*M, kTile columns of d) = A_fwd @ T, over all N.
-template <class scalar_t, class math_t>
-__global__ void __launch_bounds__(kThreads, 1)
-    token_mix_forward_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ t,
-                             const RowStats* __restrict__ stats, scalar_t* __restrict__ p, int64_t rows, int64_t n,
-                             int64_t d, Options o) {
-  __shared__ TileSmem<math_t, kTile, kTile, kTileK> sm;
-  const int64_t r0 = blockIdx.x * int64_t{kTile}, j0 = blockIdx.y * int64_t{kTile};
-  const float tau = static_cast<float>(o.tau);
-  auto weight = [&](int row, int64_t c) {
-    const int64_t r = r0 + row;
-    return r < rows ? forward_weight(z, stats[r], r, c, n, o, tau) : 0.f;
-  };
-  auto library = [&](int64_t c, int col) { return j0 + col < d ? to_float(t[c * d + j0 + col]) : 0.f; };
-  gemm_tile<false, true>(sm, 0, n, weight, library);
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int64_t r = r0 + e / kTile, j = j0 + e % kTile;
-    if (r < rows && j < d) {
-      p[r * d + j] = from_float<scalar_t>(sm.out[e / kTile][e % kTile]);
-    }
-  }
-}
-
-// dZ for kGradRows rows over all N. The softmax needs delta = rowsum(A dA) before any dZ: the first
-// sweep stores dA in dZ (its own output, no extra tensor) and sums delta per row in the owning warp;
-// the second sweep rewrites each entry as A (dA - delta) / tau. Both sweeps give entry (row, col) of a
-// tile to the same thread (warp = row / kRowsPerWarp, lane = col % 32), so the read-back needs no fence.
-// In 16-bit dtypes the stashed dA is rounded to that dtype, as eager PyTorch's dA would be.
-template <class scalar_t, class math_t>
-__global__ void __launch_bounds__(kThreads, 1)
-    token_mix_grad_logits_kernel(const scalar_t* __restrict__ dp, const scalar_t* __restrict__ z,
-                                 const scalar_t* __restrict__ t, const RowStats* __restrict__ stats,
-                                 scalar_t* __restrict__ dz, int64_t rows, int64_t n, int64_t d, Options o) {
-  constexpr int kRowsPerWarp = kGradRows / kWarps;
-  __shared__ TileSmem<math_t, kGradRows, kTile, kTileK> sm;
-  const int64_t r0 = blockIdx.x * int64_t{kGradRows};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float tau = static_cast<float>(o.tau);
-  float delta[kRowsPerWarp] = {};
-  auto grad_out = [&](int row, int64_t j) { return r0 + row < rows ? to_float(dp[(r0 + row) * d + j]) : 0.f; };
-  for (int64_t c0 = 0; c0 < n; c0 += kTile) {
-    auto library_t = [&](int64_t j, int col) { return c0 + col < n ? to_float(t[(c0 + col) * d + j]) : 0.f; };
-    gemm_tile<false, false>(sm, 0, d, grad_out, library_t);  // sm.out = dA[r0 + row, c0 + col]
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int row = warp * kRowsPerWarp + i;
-      const int64_t r = r0 + row;
-      float part = 0.f;
-      for (int col = lane; col < kTile; col += 32) {
-        const int64_t c = c0 + col;
-        if (r < rows && c < n) {
-          const float a = soft_weight(z, stats[r], r, c, n, o, tau), da = sm.out[row][col];
-          part += a * da;
-          dz[r * n + c] = from_float<scalar_t>(o.sigmoid ? a * (1.f - a) * da / tau : da);
-        }
-      }
-      delta[i] += warp_sum(part);
-    }
-  }
-  if (o.sigmoid) {
+__global__ void __launch_bounds__(kRowWarps * 32)
+    token_mix_grad_logits_kernel(const scalar_t* __restrict__ z, const RowStats* __restrict__ stats,
+                                 scalar_t* __restrict__ dz, int64_t rows, int64_t n, Options o) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = blockIdx.x * int64_t{kRowWarps} + threadIdx.x / 32;
+  if (r >= rows) {
     return;
   }
-  for (int64_t c0 = 0; c0 < n; c0 += kTile) {
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int64_t r = r0 + warp * kRowsPerWarp + i;
-      for (int col = lane; col < kTile; col += 32) {
-        const int64_t c = c0 + col;
-        if (r < rows && c < n) {
-          const float a = soft_weight(z, stats[r], r, c, n, o, tau), da = to_float(dz[r * n + c]);
-          dz[r * n + c] = from_float<scalar_t>(a * (da - delta[i]) / tau);
-        }
-      }
-    }
-  }
-}
-
-// partial[split] tile (kTile library rows, kTile columns of d) = A_fwd^T @ dP over this split's rows.
-template <class scalar_t, class math_t>
-__global__ void __launch_bounds__(kThreads, 1)
-    token_mix_grad_library_kernel(const scalar_t* __restrict__ dp, const scalar_t* __restrict__ z,
-                                  const RowStats* __restrict__ stats, float* __restrict__ partial, int64_t rows,
-                                  int64_t n, int64_t d, int64_t rows_per_split, Options o) {
-  __shared__ TileSmem<math_t, kTile, kTile, kTileK> sm;
-  const int64_t c0 = blockIdx.x * int64_t{kTile}, j0 = blockIdx.y * int64_t{kTile};
-  const int64_t r_begin = blockIdx.z * rows_per_split;
-  const int64_t r_end = r_begin + rows_per_split < rows ? r_begin + rows_per_split : rows;
+  const scalar_t* zr = z + r * n;
+  scalar_t* dzr = dz + r * n;
+  const RowStats st = stats[r];
   const float tau = static_cast<float>(o.tau);
-  auto weight_t = [&](int row, int64_t r) {
-    return c0 + row < n ? forward_weight(z, stats[r], r, c0 + row, n, o, tau) : 0.f;
-  };
-  auto grad_out = [&](int64_t r, int col) { return j0 + col < d ? to_float(dp[r * d + j0 + col]) : 0.f; };
-  gemm_tile<true, true>(sm, r_begin, r_end, weight_t, grad_out);
-  float* out = partial + blockIdx.z * n * d;
-  for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-    const int64_t c = c0 + e / kTile, j = j0 + e % kTile;
-    if (c < n && j < d) {
-      out[c * d + j] = sm.out[e / kTile][e % kTile];
+  if (o.sigmoid) {
+    for (int64_t c = lane; c < n; c += 32) {
+      const float a = soft_weight(zr, st, c, o, tau);
+      dzr[c] = from_float<scalar_t>(a * (1.f - a) * to_float(dzr[c]) / tau);
     }
+    return;
+  }
+  float part = 0.f;
+  for (int64_t c = lane; c < n; c += 32) {
+    part += soft_weight(zr, st, c, o, tau) * to_float(dzr[c]);
+  }
+  const float delta = warp_sum(part);
+  for (int64_t c = lane; c < n; c += 32) {
+    const float a = soft_weight(zr, st, c, o, tau);
+    dzr[c] = from_float<scalar_t>(a * (to_float(dzr[c]) - delta) / tau);
   }
 }
 
@@ -418,36 +205,39 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Splits of the B*M rows for the library gradient: about two blocks per SM, at least 256 rows each.
-inline int64_t grad_library_splits(int64_t rows, int64_t n, int64_t d, int sm_count) {
-  const int64_t tiles = ceil_div(n, kTile) * ceil_div(d, kTile);
-  const int64_t wanted = ceil_div(2 * int64_t{sm_count}, tiles), most = ceil_div(rows, 256);
-  return wanted < 1 ? 1 : (wanted < most ? wanted : most);
+// Rows of A_fwd per forward chunk: as many as fit in kWorkspaceWeights, at least one.
+inline int64_t weight_chunk_rows(int64_t rows, int64_t n) {
+  const int64_t fit = kWorkspaceWeights / n;
+  return fit < 1 ? 1 : (fit < rows ? fit : rows);
 }
 
-// `launch(kernel, grid, block, args...)` runs one kernel; `stats` holds `rows` RowStats.
-template <class scalar_t, class math_t, class Launch>
-void forward_launches(Launch&& launch, const scalar_t* z, const scalar_t* t, RowStats* stats, scalar_t* p,
-                      int64_t rows, int64_t n, int64_t d, const Options& o) {
-  launch(token_mix_stats_kernel<scalar_t>, dim3(ceil_div(rows, kStatsWarps)), dim3(kStatsWarps * 32), z, stats, rows,
-         n, o);
-  launch(token_mix_forward_kernel<scalar_t, math_t>, dim3(ceil_div(rows, kTile), ceil_div(d, kTile)), dim3(kThreads),
-         z, t, static_cast<const RowStats*>(stats), p, rows, n, d, o);
+// `launch(kernel, grid, block, args...)` runs one kernel, `gemm(c, a, b)` computes c = a @ b.
+// `stats` holds `rows` RowStats, `workspace` chunk_rows x n weights.
+template <class scalar_t, class Launch, class Gemm>
+void forward_launches(Launch&& launch, Gemm&& gemm, const scalar_t* z, const scalar_t* t, RowStats* stats,
+                      scalar_t* workspace, int64_t chunk_rows, scalar_t* p, int64_t rows, int64_t n, int64_t d,
+                      const Options& o) {
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t count = chunk_rows < rows - r0 ? chunk_rows : rows - r0;
+    launch(token_mix_weights_kernel<scalar_t>, dim3(ceil_div(count, kRowWarps)), dim3(kRowWarps * 32), z, stats,
+           workspace, r0, r0 + count, n, o);
+    gemm(MatrixView<scalar_t>{p + r0 * d, count, d, d, 1}, MatrixView<const scalar_t>{workspace, count, n, n, 1},
+         MatrixView<const scalar_t>{t, n, d, d, 1});
+  }
 }
 
-// Fills dz and partial (splits x n x d float32); the caller sums partial over splits into dT.
-template <class scalar_t, class math_t, class Launch>
-void backward_launches(Launch&& launch, const scalar_t* dp, const scalar_t* z, const scalar_t* t, RowStats* stats,
-                       scalar_t* dz, float* partial, int64_t splits, int64_t rows, int64_t n, int64_t d,
+// Fills dz (rows x n) and dt (n x d).
+template <class scalar_t, class Launch, class Gemm>
+void backward_launches(Launch&& launch, Gemm&& gemm, const scalar_t* dp, const scalar_t* z, const scalar_t* t,
+                       RowStats* stats, scalar_t* dz, scalar_t* dt, int64_t rows, int64_t n, int64_t d,
                        const Options& o) {
-  launch(token_mix_stats_kernel<scalar_t>, dim3(ceil_div(rows, kStatsWarps)), dim3(kStatsWarps * 32), z, stats, rows,
-         n, o);
-  const RowStats* row_stats = stats;
-  launch(token_mix_grad_logits_kernel<scalar_t, math_t>, dim3(ceil_div(rows, kGradRows)), dim3(kThreads), dp, z, t,
-         row_stats, dz, rows, n, d, o);
-  launch(token_mix_grad_library_kernel<scalar_t, math_t>,
-         dim3(ceil_div(n, kTile), ceil_div(d, kTile), splits), dim3(kThreads), dp, z, row_stats, partial, rows, n, d,
-         ceil_div(rows, splits), o);
+  const dim3 grid(ceil_div(rows, kRowWarps)), block(kRowWarps * 32);
+  launch(token_mix_weights_kernel<scalar_t>, grid, block, z, stats, dz, int64_t{0}, rows, n, o);
+  const MatrixView<const scalar_t> grad_out{dp, rows, d, d, 1};
+  gemm(MatrixView<scalar_t>{dt, n, d, d, 1}, MatrixView<const scalar_t>{dz, n, rows, 1, n}, grad_out);
+  gemm(MatrixView<scalar_t>{dz, rows, n, n, 1}, grad_out, MatrixView<const scalar_t>{t, d, n, 1, d});
+  launch(token_mix_grad_logits_kernel<scalar_t>, grid, block, z, static_cast<const RowStats*>(stats), dz, rows, n,
+         o);
 }
 
 }  // namespace vpfast::token_mix

@@ -83,21 +83,24 @@ def token_mix(
     Gradients reach Z and T; ``tau`` is a fixed float, not learnable. Returns P in the logits' dtype.
 
     Backends (``vpfast info``): the compiled extension ``vpfast._C`` (a C++ kernel for CPU tensors;
-    CUDA kernels for float32, bfloat16 and float16 CUDA tensors, accumulating in float32, with WMMA
-    tensor-core tiles for the 16-bit dtypes; float64 on CUDA runs the reference), else the reference
-    with a one-time warning; ``VPFAST_BACKEND=reference`` forces the reference. The CUDA kernels
-    write no B x M x N weight or gradient tensor besides dZ: each row's statistics (max, normalizer,
-    top-k threshold, argmax) go to a B*M buffer and every kernel recomputes the weights from Z,
-    the backward included (csrc/cuda/token_mix_kernels.cuh).
+    for float32, bfloat16 and float16 CUDA tensors, row kernels around cuBLAS products; float64 on
+    CUDA runs the reference), else the reference with a one-time warning;
+    ``VPFAST_BACKEND=reference`` forces the reference. On CUDA one warp per row computes the row's
+    statistics (max, normalizer, top-k threshold, argmax) and weights; the three products go to
+    ``aten::mm`` (tensor cores, float32 accumulation, the user's matmul precision settings). No
+    B x M x N tensor is allocated besides dZ: the forward writes its weights in chunks of at most
+    2**19 entries, the backward keeps them in dZ's own storage and recomputes A from Z and the row
+    statistics (csrc/cuda/token_mix_kernels.cuh).
 
     Verified where (tests/test_token_mix*.py): the reference against an independent float64 model,
     its gradients against the derived formulas; the C++ CPU kernel against the reference for every
     option (float32 within 1e-5, float64 within 1e-12, non-contiguous inputs), float64 gradcheck,
     opcheck, torch.compile(fullgraph=True) on CPU. The CUDA kernels compile for sm_80 and sm_90
-    without spills, and their source runs on the CPU under a thread-level emulation of CUDA and WMMA
-    (csrc/cuda/token_mix_emulation.cpp) within 1e-5 of the reference in float32 and within twice
-    eager PyTorch's error in bfloat16/float16. Not yet run on a GPU: tests/test_token_mix_gpu.py
-    (PGN shapes, compile, CUDA graphs) and bench/test_token_mix_bench.py are written for one.
+    without spills, and their launch sequence runs on the CPU under a thread-level emulation of CUDA
+    (csrc/cuda/token_mix_emulation.cpp, a float-accumulating product in place of cuBLAS) within 1e-5
+    of the reference in float32 and within twice eager PyTorch's error in bfloat16/float16. On a GPU:
+    tests/test_token_mix_gpu.py (PGN shapes, compile, CUDA graphs, memory) and
+    bench/test_token_mix_bench.py.
     """
     _check(logits, library, tau, gumbel, seed, topk, hard, activation)
     if gumbel and seed is None:
