@@ -350,14 +350,16 @@ def test_cpp_checks_name_the_argument():
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """csrc/cuda/token_mix_emulation.cpp built with the host compiler; calls its kernels on CPU tensors."""
+    """csrc/cuda/token_mix_emulation.cpp built with the host compiler and linked to libtorch (its products
+    go through aten::mm, as on CUDA); calls the CUDA launch sequences on CPU tensors."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler to build the CUDA kernels' CPU emulation")
     library_path = tmp_path_factory.mktemp("emulation") / "token_mix_emulation.so"
-    include = Path(torch.__file__).parent / "include"
-    subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}",
-                    str(ROOT / "csrc" / "cuda" / "token_mix_emulation.cpp"), "-o", str(library_path)],
+    torch_dir = Path(torch.__file__).parent
+    subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{torch_dir / 'include'}",
+                    str(ROOT / "csrc" / "cuda" / "token_mix_emulation.cpp"), f"-L{torch_dir / 'lib'}", "-ltorch_cpu",
+                    "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(library_path)],
                    check=True, capture_output=True)
     fn = ctypes.CDLL(str(library_path)).vpfast_token_mix_emulated
     fn.restype = None

@@ -14,7 +14,6 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/shim_utils.h>
 
-#include <array>
 #include <string>
 #include <tuple>
 
@@ -23,7 +22,6 @@
 namespace vpfast::token_mix {
 namespace {
 
-using torch::headeronly::IntHeaderOnlyArrayRef;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
@@ -60,31 +58,8 @@ StreamLauncher launcher_for(const Tensor& t) {
   return StreamLauncher{static_cast<cudaStream_t>(stream)};
 }
 
-// c = a @ b by aten::mm.out on views of the buffers: cuBLAS with torch's handle, stream and workspace,
-// and the math settings the user chose for eager matmuls (TF32, reduced-precision reductions).
-struct AtenGemm {
-  torch::stable::Device device;
-  ScalarType dtype;
-
-  template <class T>
-  Tensor view(MatrixView<T> m) const {
-    const int64_t sizes[] = {m.rows, m.cols}, strides[] = {m.row_stride, m.col_stride};
-    return torch::stable::from_blob(const_cast<void*>(static_cast<const void*>(m.data)),
-                                    IntHeaderOnlyArrayRef(sizes, 2), IntHeaderOnlyArrayRef(strides, 2), device,
-                                    dtype);
-  }
-
-  template <class T>
-  void operator()(MatrixView<T> c, MatrixView<const T> a, MatrixView<const T> b) const {
-    using torch::stable::detail::from;
-    std::array<StableIValue, 3> stack{from(view(a)), from(view(b)), from(view(c))};
-    TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-    torch::stable::detail::to<Tensor>(stack[0]);  // the returned alias of c: released here
-  }
-};
-
 AtenGemm gemm_for(const Tensor& t) {
-  return AtenGemm{torch::stable::Device(torch::stable::DeviceType::CUDA, t.get_device_index()), t.scalar_type()};
+  return AtenGemm{torch::headeronly::DeviceType::CUDA, static_cast<int8_t>(t.get_device_index()), t.scalar_type()};
 }
 
 void check_cuda(const Tensor& logits) {

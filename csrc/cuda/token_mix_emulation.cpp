@@ -3,9 +3,9 @@
 // Not part of the extension: tests/test_token_mix.py compiles this file with the host C++ compiler
 // into a small shared library and calls its extern "C" entry point through ctypes. Each CUDA
 // thread is a std::thread, blocks run one after another and warp shuffles exchange through a
-// per-warp slot array. aten::mm is stood in for by a float-accumulating product rounded once to the
-// dtype, which is what cuBLAS computes up to the order of its additions. What this cannot show:
-// nvcc's code generation, the GPU memory model, cuBLAS itself, speed.
+// per-warp slot array. The products run through the launcher's own AtenGemm, on CPU views of the
+// buffers (so this links libtorch). What this cannot show: nvcc's code generation, the GPU memory
+// model, cuBLAS itself, speed.
 
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
@@ -118,26 +118,6 @@ struct EmulatedLauncher {
   }
 };
 
-// c = a @ b, float accumulation rounded once to T; the shapes must agree.
-struct EmulatedGemm {
-  template <class T>
-  void operator()(MatrixView<T> c, MatrixView<const T> a, MatrixView<const T> b) const {
-    if (a.rows != c.rows || b.cols != c.cols || a.cols != b.rows) {
-      emulation::fail("gemm operands of mismatched shapes");
-    }
-    for (int64_t i = 0; i < c.rows; ++i) {
-      for (int64_t j = 0; j < c.cols; ++j) {
-        float sum = 0.f;
-        for (int64_t k = 0; k < a.cols; ++k) {
-          sum += static_cast<float>(a.data[i * a.row_stride + k * a.col_stride]) *
-                 static_cast<float>(b.data[k * b.row_stride + j * b.col_stride]);
-        }
-        c.data[i * c.row_stride + j * c.col_stride] = static_cast<T>(sum);
-      }
-    }
-  }
-};
-
 Options emulated_options(int64_t n, double tau, int gumbel, int64_t seed, int64_t topk, int hard, int sigmoid) {
   return Options{tau,
                  topk >= n ? 0 : topk,
@@ -149,18 +129,19 @@ Options emulated_options(int64_t n, double tau, int gumbel, int64_t seed, int64_
 }
 
 template <class scalar_t>
-void run(bool backward, const void* dp, const void* z, const void* t, void* out, void* dz, int64_t rows, int64_t n,
-         int64_t d, const Options& o, int64_t chunk_rows) {
+void run(torch::headeronly::ScalarType dtype, bool backward, const void* dp, const void* z, const void* t, void* out,
+         void* dz, int64_t rows, int64_t n, int64_t d, const Options& o, int64_t chunk_rows) {
+  const AtenGemm gemm{torch::headeronly::DeviceType::CPU, -1, dtype};
   std::vector<RowStats> stats(rows);
   const auto* zs = static_cast<const scalar_t*>(z);
   const auto* ts = static_cast<const scalar_t*>(t);
   if (backward) {
-    backward_launches<scalar_t>(EmulatedLauncher{}, EmulatedGemm{}, static_cast<const scalar_t*>(dp), zs, ts,
+    backward_launches<scalar_t>(EmulatedLauncher{}, gemm, static_cast<const scalar_t*>(dp), zs, ts,
                                 stats.data(), static_cast<scalar_t*>(dz), static_cast<scalar_t*>(out), rows, n, d, o);
     return;
   }
   std::vector<scalar_t> workspace(chunk_rows * n, static_cast<scalar_t>(NAN));
-  forward_launches<scalar_t>(EmulatedLauncher{}, EmulatedGemm{}, zs, ts, stats.data(), workspace.data(), chunk_rows,
+  forward_launches<scalar_t>(EmulatedLauncher{}, gemm, zs, ts, stats.data(), workspace.data(), chunk_rows,
                              static_cast<scalar_t*>(out), rows, n, d, o);
 }
 
@@ -174,6 +155,7 @@ extern "C" void vpfast_token_mix_emulated(int dtype, const void* dp, const void*
                                           int64_t seed, int64_t topk, int hard, int sigmoid,
                                           int64_t chunk_rows) {
   using namespace vpfast::token_mix;
+  using torch::headeronly::ScalarType;
   const Options o = emulated_options(n, tau, gumbel, seed, topk, hard, sigmoid);
   const bool backward = dp != nullptr;
   if (chunk_rows <= 0) {
@@ -181,11 +163,11 @@ extern "C" void vpfast_token_mix_emulated(int dtype, const void* dp, const void*
   }
   switch (dtype) {
     case 0:
-      return run<float>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
+      return run<float>(ScalarType::Float, backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     case 1:
-      return run<__nv_bfloat16>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
+      return run<__nv_bfloat16>(ScalarType::BFloat16, backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     case 2:
-      return run<__half>(backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
+      return run<__half>(ScalarType::Half, backward, dp, z, t, out, dz, rows, n, d, o, chunk_rows);
     default:
       emulation::fail("unknown dtype code");
   }

@@ -1,8 +1,7 @@
 // CUDA kernels of vpfast::token_mix and vpfast::token_mix_backward (contract: csrc/token_mix.h).
 //
-// The three products are plain GEMMs, handed to aten::mm (cuBLAS with torch's handle, stream,
-// workspace and math settings: tensor cores for bfloat16/float16, float32 accumulation, the same
-// TF32 choice as eager PyTorch). The kernels here do the row-wise work around them, one warp per row
+// The three products are plain GEMMs, handed to aten::mm (aten_gemm.h: cuBLAS with torch's handle,
+// stream, workspace and math settings; tensor cores for bfloat16/float16, float32 accumulation). The kernels here do the row-wise work around them, one warp per row
 // r = b * M + m of S:
 //
 //   weights          the row's statistics (max and first argmax of S, softmax normalizer, top-k
@@ -33,6 +32,7 @@
 #include <cstdint>
 
 #include "../token_mix.h"
+#include "aten_gemm.h"
 
 namespace vpfast::token_mix {
 
@@ -50,13 +50,6 @@ struct RowStats {
   uint32_t key;     // the row's Gumbel hash key
 };
 static_assert(sizeof(RowStats) == 5 * sizeof(float), "RowStats is stored as 5 floats per row");
-
-// A matrix in memory: element (i, j) at data[i * row_stride + j * col_stride].
-template <class T>
-struct MatrixView {
-  T* data;
-  int64_t rows, cols, row_stride, col_stride;
-};
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -97,7 +97,7 @@ def token_mix(
     option (float32 within 1e-5, float64 within 1e-12, non-contiguous inputs), float64 gradcheck,
     opcheck, torch.compile(fullgraph=True) on CPU. The CUDA kernels compile for sm_80 and sm_90
     without spills, and their launch sequence runs on the CPU under a thread-level emulation of CUDA
-    (csrc/cuda/token_mix_emulation.cpp, a float-accumulating product in place of cuBLAS) within 1e-5
+    (csrc/cuda/token_mix_emulation.cpp, with aten::mm on the CPU in place of cuBLAS) within 1e-5
     of the reference in float32 and within twice eager PyTorch's error in bfloat16/float16. On a GPU:
     tests/test_token_mix_gpu.py (PGN shapes, compile, CUDA graphs, memory) and
     bench/test_token_mix_bench.py.
