@@ -446,6 +446,17 @@ def test_cuda_forward_in_row_chunks(emulated, case):
         assert rel_err(emulated(logits, library, chunk_rows=chunk_rows, **case), expected) < 1e-5
 
 
+@interpreter
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 5), (3, 1, 7, 1), (1, 2, 33, 3)], ids=str)
+def test_cuda_kernels_emulated_degenerate_shapes(emulated, shape):
+    """Unit dimensions give the product views size-1 axes; N = 33 leaves one lane with a second column."""
+    logits, library = make_inputs(shape, seed=32)
+    grad = torch.randn(shape[0], shape[1], shape[3])
+    got = (emulated(logits, library), *emulated(logits, library, grad))
+    for g, e in zip(got, _grads(token_mix_reference, logits, library, grad, {}), strict=True):
+        assert not g.isnan().any() and rel_err(g, e) < 1e-5
+
+
 # --------------------------------------------------------------------------- argument errors
 
 BAD_CALLS = [
