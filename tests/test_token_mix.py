@@ -457,6 +457,20 @@ def test_cuda_kernels_emulated_degenerate_shapes(emulated, shape):
         assert not g.isnan().any() and rel_err(g, e) < 1e-5
 
 
+@interpreter
+@pytest.mark.parametrize("case", [{}, dict(topk=4), dict(hard=True)], ids=_ids)
+def test_cuda_kernels_emulated_masked_logits(emulated, case):
+    """-inf logits (masked library entries), also leading a row: the one-pass normalizer starts from an
+    empty sum, and their weights and gradients are 0 as in the reference."""
+    logits, library = make_inputs((1, 6, 40, 5), seed=33)
+    logits[0, :, :3] = -math.inf
+    logits[0, 2, 10:37] = -math.inf
+    grad = torch.randn(1, 6, 5)
+    got = (emulated(logits, library, **case), *emulated(logits, library, grad, **case))
+    for g, e in zip(got, _grads(token_mix_reference, logits, library, grad, case), strict=True):
+        assert not g.isnan().any() and rel_err(g, e) < 1e-5
+
+
 # --------------------------------------------------------------------------- argument errors
 
 BAD_CALLS = [

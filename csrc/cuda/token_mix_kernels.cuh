@@ -110,6 +110,11 @@ __device__ __forceinline__ float soft_weight(const scalar_t* zr, const RowStats&
   return o.sigmoid ? 1.f / (1.f + expf(-s)) : expf(s - st.max) * st.inv_sum;
 }
 
+// sum * exp(from - to) for a sum of exp(s - from), to >= from; 0 for an empty sum (from may be -inf).
+__device__ __forceinline__ float rescaled(float sum, float from, float to) {
+  return sum == 0.f ? 0.f : sum * expf(from - to);
+}
+
 // Rows [r_begin, r_end): statistics into stats[r], the forward weights A_fwd[r] into w[r - r_begin].
 template <class scalar_t>
 __global__ void __launch_bounds__(kRowWarps * 32)
@@ -125,30 +130,31 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const uint32_t key = o.gumbel ? row_key(o, static_cast<uint32_t>(r)) : 0;
   auto s_at = [&](int64_t c) { return logit<float>(to_float(zr[c]), o, tau, key, static_cast<uint32_t>(c)); };
   const float threshold = o.topk > 0 ? kth_largest(s_at, n, o.topk, lane) : -INFINITY;
-  float best = -INFINITY;
+  // One pass for max, first argmax and the softmax normalizer, rescaled as the max grows (online
+  // softmax); then the lanes merge theirs.
+  float best = -INFINITY, sum = 0.f;
   uint32_t arg = kNoArgmax;
   for (int64_t c = lane; c < n; c += 32) {
     const float s = s_at(c);
     if (s > best) {
+      sum = rescaled(sum, best, s);
       best = s;
       arg = static_cast<uint32_t>(c);
+    }
+    if (!o.sigmoid && s >= threshold && s != -INFINITY) {
+      sum += expf(s - best);
     }
   }
   for (int offset = 16; offset > 0; offset /= 2) {
     const float other = __shfl_xor_sync(0xffffffffU, best, offset);
     const uint32_t other_arg = __shfl_xor_sync(0xffffffffU, arg, offset);
+    const float other_sum = __shfl_xor_sync(0xffffffffU, sum, offset);
+    const float merged = other > best ? other : best;
+    sum = rescaled(sum, best, merged) + rescaled(other_sum, other, merged);
     if (other > best || (other == best && other_arg < arg)) {
-      best = other;
       arg = other_arg;
     }
-  }
-  float sum = 0.f;
-  if (!o.sigmoid) {
-    for (int64_t c = lane; c < n; c += 32) {
-      const float s = s_at(c);
-      sum += s >= threshold ? expf(s - best) : 0.f;
-    }
-    sum = warp_sum(sum);
+    best = merged;
   }
   const RowStats st{best, 1.f / sum, threshold, arg, key};
   if (lane == 0) {
