@@ -1,13 +1,18 @@
 // vpfast::token_mix and vpfast::token_mix_backward on CPU tensors, plus the argument checks that the
 // CUDA kernels share (contract: csrc/token_mix.h and DESIGN.md "token_mix").
 //
-// Rows (b, m) are independent, so both passes run in parallel over rows with
-// torch::stable::parallel_for (at::parallel_for behind the stable ABI, torch >= 2.10). Each row keeps
-// its N logits and weights in a row-local buffer; the library gradient, a reduction over rows, reads
-// the weights from an R x N scratch buffer filled by the row pass (CPU memory is not the constraint
-// here; the CUDA kernels recompute the weights instead).
+// What ATen has no op for, S = (Z + G) / tau with the hashed Gumbel noise, the top-k mask (ties kept)
+// and argmax, runs here in parallel over the B*M rows with torch::stable::parallel_for
+// (at::parallel_for behind the stable ABI, torch >= 2.10). The rest are ATen ops called through the
+// stable dispatcher, vectorized and parallel: softmax or sigmoid and their backward, and the three
+// products (the CPU's BLAS):
 //
-// Accumulation is in float for float32/bfloat16/float16 and in double for float64.
+//   forward    W = forward weights (rows x N): softmax(S), sigmoid(S) or onehot(argmax S); P = W @ T
+//   backward   dA = dP @ T^T, dS from A and dA, dZ = dS / tau, dT = W^T @ dP
+//
+// W, S and dA are R x N buffers: CPU memory is not the constraint here (the CUDA path bounds its
+// workspace instead, csrc/cuda/token_mix_kernels.cuh). Everything is computed in float for
+// float32/bfloat16/float16 and in double for float64, and rounded once to the dtype.
 
 #include "token_mix.h"
 
@@ -16,8 +21,10 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <limits>
 #include <string>
@@ -82,108 +89,81 @@ void check_grad(const Tensor& grad, const Tensor& logits, const Tensor& library)
 
 namespace {
 
-// One row's logits S (masked to -inf outside the top k) and soft weights A; returns argmax S.
+// Every row's S into s (-inf outside the top k) and, in hard mode, argmax S into arg (the first of
+// equal maxima, as torch.argmax): the part ATen has no op for (the hashed Gumbel noise, top-k keeping
+// ties).
 template <class scalar_t, class acc_t>
-int64_t row_weights(const scalar_t* z, int64_t n, uint32_t row, const Options& o, acc_t* s, acc_t* a) {
+void logits_rows(const scalar_t* z, acc_t* s, int64_t* arg, int64_t rows, int64_t n, const Options& o) {
   const acc_t tau = static_cast<acc_t>(o.tau);
-  const uint32_t key = o.gumbel ? row_key(o, row) : 0;
-  int64_t arg = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    s[c] = logit<acc_t>(static_cast<acc_t>(z[c]), o, tau, key, static_cast<uint32_t>(c));
-    if (s[c] > s[arg]) {
-      arg = c;  // the first of equal maxima, as torch.argmax
-    }
-  }
-  if (o.topk > 0) {
-    std::copy(s, s + n, a);
-    std::nth_element(a, a + o.topk - 1, a + n, std::greater<acc_t>());
-    const acc_t kth = a[o.topk - 1];
-    for (int64_t c = 0; c < n; ++c) {
-      s[c] = s[c] < kth ? -std::numeric_limits<acc_t>::infinity() : s[c];
-    }
-  }
-  if (o.sigmoid) {
-    for (int64_t c = 0; c < n; ++c) {
-      a[c] = acc_t(1) / (acc_t(1) + std::exp(-s[c]));
-    }
-    return arg;
-  }
-  const acc_t max = s[arg];
-  acc_t sum = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    a[c] = std::exp(s[c] - max);
-    sum += a[c];
-  }
-  for (int64_t c = 0; c < n; ++c) {
-    a[c] /= sum;
-  }
-  return arg;
-}
-
-template <class scalar_t, class acc_t>
-void forward_rows(const scalar_t* z, const scalar_t* t, scalar_t* p, int64_t rows, int64_t n, int64_t d,
-                  const Options& o) {
   torch::stable::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(n), a(n), out(d);
+    std::vector<acc_t> kept(o.topk > 0 ? n : 0);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t arg = row_weights(z + r * n, n, static_cast<uint32_t>(r), o, s.data(), a.data());
-      std::fill(out.begin(), out.end(), acc_t(0));
-      for (int64_t c = 0; c < n; ++c) {
-        const acc_t w = o.hard ? acc_t(c == arg) : a[c];
-        const scalar_t* tc = t + c * d;
-        for (int64_t j = 0; j < d; ++j) {
-          out[j] += w * static_cast<acc_t>(tc[j]);
+      const scalar_t* zr = z + r * n;
+      acc_t* sr = s + r * n;
+      const uint32_t key = o.gumbel ? row_key(o, static_cast<uint32_t>(r)) : 0;
+      if (o.gumbel) {
+        for (int64_t c = 0; c < n; ++c) {
+          sr[c] = logit<acc_t>(static_cast<acc_t>(zr[c]), o, tau, key, static_cast<uint32_t>(c));
+        }
+      } else {
+        for (int64_t c = 0; c < n; ++c) {  // the same S without the noise, in a loop that vectorizes
+          sr[c] = static_cast<acc_t>(zr[c]) / tau;
         }
       }
-      for (int64_t j = 0; j < d; ++j) {
-        p[r * d + j] = static_cast<scalar_t>(out[j]);
+      if (o.hard) {
+        int64_t best = 0;
+        acc_t best_value = sr[0];
+        for (int64_t c = 1; c < n; ++c) {
+          if (sr[c] > best_value) {
+            best_value = sr[c];
+            best = c;
+          }
+        }
+        arg[r] = best;
+      }
+      if (o.topk > 0) {
+        std::copy(sr, sr + n, kept.begin());
+        std::nth_element(kept.begin(), kept.begin() + o.topk - 1, kept.end(), std::greater<acc_t>());
+        const acc_t kth = kept[o.topk - 1];
+        for (int64_t c = 0; c < n; ++c) {
+          sr[c] = sr[c] < kth ? -std::numeric_limits<acc_t>::infinity() : sr[c];
+        }
       }
     }
   });
 }
 
-// dZ row by row: dA = dP T^T, dS = A (dA - sum(A dA)) for softmax or A (1 - A) dA for sigmoid, dZ = dS / tau
-// (A is the soft weight also in hard mode: straight-through). Stores the forward weights (one-hot in
-// hard mode) in `w` for the library gradient dT = W^T dP, computed in parallel over library rows.
-template <class scalar_t, class acc_t>
-void backward_rows(const scalar_t* dp, const scalar_t* z, const scalar_t* t, scalar_t* dz, scalar_t* dt,
-                   int64_t rows, int64_t n, int64_t d, const Options& o) {
-  std::vector<acc_t> w(static_cast<size_t>(rows * n));
-  const acc_t tau = static_cast<acc_t>(o.tau);
+// An ATen op through the stable dispatcher; returns its (first) result.
+template <class... Args>
+Tensor call_aten(const char* name, const char* overload, Args... args) {
+  std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// The soft weights A from S (rows x n): ATen's vectorized softmax over the last dimension, or sigmoid.
+Tensor soft_weights(const Tensor& s, const Options& o) {
+  return o.sigmoid ? call_aten("aten::sigmoid", "", s) : call_aten("aten::_softmax", "", s, int64_t{-1}, false);
+}
+
+// Rows of w set to onehot(arg): the forward weights of hard mode.
+template <class acc_t>
+void one_hot_rows(acc_t* w, const int64_t* arg, int64_t rows, int64_t n) {
   torch::stable::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(n), a(n), da(n);
+    std::fill(w + begin * n, w + end * n, acc_t(0));
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t arg = row_weights(z + r * n, n, static_cast<uint32_t>(r), o, s.data(), a.data());
-      const scalar_t* dpr = dp + r * d;
-      acc_t delta = 0;
-      for (int64_t c = 0; c < n; ++c) {
-        acc_t dot = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          dot += static_cast<acc_t>(dpr[j]) * static_cast<acc_t>(t[c * d + j]);
-        }
-        da[c] = dot;
-        delta += a[c] * dot;
-      }
-      for (int64_t c = 0; c < n; ++c) {
-        const acc_t ds = o.sigmoid ? a[c] * (acc_t(1) - a[c]) * da[c] : a[c] * (da[c] - delta);
-        dz[r * n + c] = static_cast<scalar_t>(ds / tau);
-        w[r * n + c] = o.hard ? acc_t(c == arg) : a[c];
-      }
+      w[r * n + arg[r]] = acc_t(1);
     }
   });
-  torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(d);
-    for (int64_t c = begin; c < end; ++c) {
-      std::fill(out.begin(), out.end(), acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t wr = w[r * n + c];
-        for (int64_t j = 0; j < d; ++j) {
-          out[j] += wr * static_cast<acc_t>(dp[r * d + j]);
-        }
-      }
-      for (int64_t j = 0; j < d; ++j) {
-        dt[c * d + j] = static_cast<scalar_t>(out[j]);
-      }
+}
+
+// dZ = dS / tau in the logits' dtype, element by element.
+template <class scalar_t, class acc_t>
+void scaled_to(const acc_t* ds, scalar_t* dz, int64_t count, double tau) {
+  const acc_t t = static_cast<acc_t>(tau);
+  torch::stable::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      dz[i] = static_cast<scalar_t>(ds[i] / t);
     }
   });
 }
@@ -203,41 +183,75 @@ void dispatch_dtype(ScalarType dtype, F&& f) {
   }
 }
 
+// The dtype the CPU path computes in: double for float64, else float.
+ScalarType acc_dtype(ScalarType dtype) { return dtype == ScalarType::Double ? dtype : ScalarType::Float; }
+
+Tensor with_dtype(const Tensor& x, ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : torch::stable::to(x, dtype);
+}
+
 Tensor token_mix_cpu(const Tensor& logits, const Tensor& library, double tau, bool gumbel, int64_t seed,
                      int64_t topk, bool hard, std::string activation) {
   const Options o = checked_options(logits, library, tau, gumbel, seed, topk, hard, activation);
   const Tensor z = torch::stable::contiguous(logits);
-  const Tensor t = torch::stable::contiguous(library);
-  const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = t.size(1);
-  Tensor p = torch::stable::new_empty(z, {z.size(0), z.size(1), d});
-  dispatch_dtype(z.scalar_type(), [&](auto scalar, auto acc) {
+  const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = library.size(1);
+  const ScalarType acc = acc_dtype(z.scalar_type());
+  Tensor w = torch::stable::new_empty(z, {rows, n}, acc);
+  std::vector<int64_t> arg(rows);
+  dispatch_dtype(z.scalar_type(), [&](auto scalar, auto acc_value) {
     using scalar_t = decltype(scalar);
-    forward_rows<scalar_t, decltype(acc)>(static_cast<const scalar_t*>(z.const_data_ptr()),
-                                          static_cast<const scalar_t*>(t.const_data_ptr()),
-                                          static_cast<scalar_t*>(p.mutable_data_ptr()), rows, n, d, o);
+    using acc_t = decltype(acc_value);
+    logits_rows(static_cast<const scalar_t*>(z.const_data_ptr()), static_cast<acc_t*>(w.mutable_data_ptr()),
+                arg.data(), rows, n, o);
+    if (o.hard) {
+      one_hot_rows(static_cast<acc_t*>(w.mutable_data_ptr()), arg.data(), rows, n);
+    }
   });
-  return p;
+  if (!o.hard) {
+    w = soft_weights(w, o);
+  }
+  const Tensor p = torch::stable::matmul(w, with_dtype(library, acc));
+  const int64_t shape[] = {z.size(0), z.size(1), d};
+  return with_dtype(torch::stable::reshape(p, torch::headeronly::IntHeaderOnlyArrayRef(shape, 3)), z.scalar_type());
 }
 
+// dA = dP @ T^T; dS = softmax or sigmoid backward of A (soft also in hard mode: straight-through);
+// dZ = dS / tau; dT = W^T @ dP with W the forward weights.
 std::tuple<Tensor, Tensor> token_mix_backward_cpu(const Tensor& grad, const Tensor& logits, const Tensor& library,
                                                   double tau, bool gumbel, int64_t seed, int64_t topk, bool hard,
                                                   std::string activation) {
   const Options o = checked_options(logits, library, tau, gumbel, seed, topk, hard, activation);
   check_grad(grad, logits, library);
-  const Tensor dp = torch::stable::contiguous(grad);
   const Tensor z = torch::stable::contiguous(logits);
-  const Tensor t = torch::stable::contiguous(library);
-  const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = t.size(1);
-  Tensor dz = torch::stable::new_empty(z, {z.size(0), z.size(1), n});
-  Tensor dt = torch::stable::new_empty(t, {n, d});
-  dispatch_dtype(z.scalar_type(), [&](auto scalar, auto acc) {
+  const int64_t rows = z.size(0) * z.size(1), n = z.size(2), d = library.size(1);
+  const ScalarType acc = acc_dtype(z.scalar_type());
+  const int64_t grad_shape[] = {rows, d};
+  const Tensor dp = with_dtype(torch::stable::reshape(grad, torch::headeronly::IntHeaderOnlyArrayRef(grad_shape, 2)),
+                               acc);
+  const Tensor da = torch::stable::matmul(dp, torch::stable::transpose(with_dtype(library, acc), 0, 1));
+  Tensor s = torch::stable::new_empty(z, {rows, n}, acc);
+  std::vector<int64_t> arg(rows);
+  dispatch_dtype(z.scalar_type(), [&](auto scalar, auto acc_value) {
     using scalar_t = decltype(scalar);
-    backward_rows<scalar_t, decltype(acc)>(
-        static_cast<const scalar_t*>(dp.const_data_ptr()), static_cast<const scalar_t*>(z.const_data_ptr()),
-        static_cast<const scalar_t*>(t.const_data_ptr()), static_cast<scalar_t*>(dz.mutable_data_ptr()),
-        static_cast<scalar_t*>(dt.mutable_data_ptr()), rows, n, d, o);
+    logits_rows(static_cast<const scalar_t*>(z.const_data_ptr()), static_cast<decltype(acc_value)*>(s.mutable_data_ptr()),
+                arg.data(), rows, n, o);
   });
-  return {dz, dt};
+  Tensor w = soft_weights(s, o);
+  const Tensor ds = torch::stable::contiguous(
+      o.sigmoid ? call_aten("aten::sigmoid_backward", "", da, w)
+                : call_aten("aten::_softmax_backward_data", "", da, w, int64_t{-1}, acc));
+  Tensor dz = torch::stable::new_empty(z, {z.size(0), z.size(1), n});
+  dispatch_dtype(z.scalar_type(), [&](auto scalar, auto acc_value) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc_value);
+    scaled_to(static_cast<const acc_t*>(ds.const_data_ptr()), static_cast<scalar_t*>(dz.mutable_data_ptr()),
+              rows * n, o.tau);
+    if (o.hard) {
+      one_hot_rows(static_cast<acc_t*>(w.mutable_data_ptr()), arg.data(), rows, n);
+    }
+  });
+  const Tensor dt = torch::stable::matmul(torch::stable::transpose(w, 0, 1), dp);
+  return {dz, with_dtype(dt, z.scalar_type())};
 }
 
 }  // namespace
