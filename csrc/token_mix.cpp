@@ -16,15 +16,15 @@
 
 #include "token_mix.h"
 
+#include "aten_call.h"
+
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
-#include <torch/headeronly/util/shim_utils.h>
 
 #include <algorithm>
-#include <array>
 #include <functional>
 #include <limits>
 #include <string>
@@ -101,14 +101,8 @@ void logits_rows(const scalar_t* z, acc_t* s, int64_t* arg, int64_t rows, int64_
       const scalar_t* zr = z + r * n;
       acc_t* sr = s + r * n;
       const uint32_t key = o.gumbel ? row_key(o, static_cast<uint32_t>(r)) : 0;
-      if (o.gumbel) {
-        for (int64_t c = 0; c < n; ++c) {
-          sr[c] = logit<acc_t>(static_cast<acc_t>(zr[c]), o, tau, key, static_cast<uint32_t>(c));
-        }
-      } else {
-        for (int64_t c = 0; c < n; ++c) {  // the same S without the noise, in a loop that vectorizes
-          sr[c] = static_cast<acc_t>(zr[c]) / tau;
-        }
+      for (int64_t c = 0; c < n; ++c) {
+        sr[c] = logit<acc_t>(static_cast<acc_t>(zr[c]), o, tau, key, static_cast<uint32_t>(c));
       }
       if (o.hard) {
         int64_t best = 0;
@@ -131,14 +125,6 @@ void logits_rows(const scalar_t* z, acc_t* s, int64_t* arg, int64_t rows, int64_
       }
     }
   });
-}
-
-// An ATen op through the stable dispatcher; returns its (first) result.
-template <class... Args>
-Tensor call_aten(const char* name, const char* overload, Args... args) {
-  std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
-  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
-  return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
 // The soft weights A from S (rows x n): ATen's vectorized softmax over the last dimension, or sigmoid.

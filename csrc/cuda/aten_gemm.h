@@ -8,10 +8,10 @@
 
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/util/shim_utils.h>
 
-#include <array>
 #include <cstdint>
+
+#include "../aten_call.h"
 
 namespace vpfast::token_mix {
 
@@ -38,10 +38,7 @@ struct AtenGemm {
 
   template <class T>
   void operator()(MatrixView<T> c, MatrixView<const T> a, MatrixView<const T> b) const {
-    using torch::stable::detail::from;
-    std::array<StableIValue, 3> stack{from(view(a)), from(view(b)), from(view(c))};
-    TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-    torch::stable::detail::to<torch::stable::Tensor>(stack[0]);  // the returned alias of c: released here
+    call_aten("aten::mm", "out", view(a), view(b), view(c));
   }
 };
 
