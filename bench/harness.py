@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +55,17 @@ def throughput(ms: float, nbytes: int) -> dict:
             "pct_of_measured_bw": 100 * gbs / peak if peak else None}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and core count, e.g. "AMD EPYC, 2 cores" (Linux; else the platform's word)."""
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def metadata() -> dict:
     import triton
 
@@ -64,7 +77,7 @@ def metadata() -> dict:
     except OSError:
         commit = None
     return {
-        "device": torch.cuda.get_device_name() if on_gpu() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if on_gpu() else cpu_name(),
         "measured_bandwidth_gb_per_s": device_bandwidth_gbs(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "vpfast": vpfast.__version__, "commit": commit, "python": platform.python_version(),
@@ -74,7 +87,7 @@ def metadata() -> dict:
 def save(suite: str, rows: list[dict]) -> Path:
     """Write ``bench/results/<suite>-<device>.json`` with the metadata and one row per case."""
     meta = metadata()
-    slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")
+    slug = re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in meta["device"].lower())).strip("-")
     path = RESULTS / f"{suite}-{slug}.json"
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

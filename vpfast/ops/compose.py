@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vpfast.ops import _dispatch
+from vpfast.ops import _dispatch, _library
 
 MODES = ("bilinear", "bicubic")
 PROMPT_SPACES = ("pixel", "normalized")
@@ -290,26 +290,8 @@ def _triton_kernels(device: torch.device, dtype: torch.dtype):
     return kernels
 
 
-@torch.library.custom_op("vpfast::compose", mutates_args=())
-def _compose_op(
-    images: torch.Tensor,
-    prompt: torch.Tensor,
-    mask: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    std: torch.Tensor | None,
-    transform: torch.Tensor | None,
-    inner_size: int,
-    oy: int,
-    ox: int,
-    fill: float,
-    mode: str,
-    antialias: bool,
-    prompt_space: str,
-    grad_region: str,
-    grad_norm: str,
-    out_dtype: torch.dtype,
-    channels_last: bool,
-) -> torch.Tensor:
+def _compose_kernel(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
+                    prompt_space, grad_region, grad_norm, out_dtype, channels_last):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     kernels = _triton_kernels(images.device, prompt.dtype)
     if kernels is not None:
@@ -322,7 +304,6 @@ def _compose_op(
     return y.to(dtype=out_dtype, memory_format=memory_format)
 
 
-@_compose_op.register_fake
 def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
                   prompt_space, grad_region, grad_norm, out_dtype, channels_last):
     size = prompt.shape[-1]
@@ -331,17 +312,7 @@ def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox
                        memory_format=memory_format)
 
 
-@torch.library.custom_op("vpfast::compose_backward", mutates_args=())
-def _compose_backward_op(
-    grad_out: torch.Tensor,
-    mask: torch.Tensor | None,
-    std: torch.Tensor | None,
-    transform: torch.Tensor | None,
-    prompt_space: str,
-    grad_region: str,
-    grad_norm: str,
-    prompt_dtype: torch.dtype,
-) -> torch.Tensor:
+def _compose_backward_kernel(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
     kernels = _triton_kernels(grad_out.device, prompt_dtype)
     if kernels is not None:
         return kernels.compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
@@ -350,7 +321,6 @@ def _compose_backward_op(
                                       prompt_dtype)
 
 
-@_compose_backward_op.register_fake
 def _compose_backward_fake(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
     return grad_out.new_empty(grad_out.shape[1:], dtype=prompt_dtype)
 
@@ -369,4 +339,13 @@ def _backward(ctx, grad: torch.Tensor):
     return (None, grad_prompt) + (None,) * 15
 
 
-_compose_op.register_autograd(_backward, setup_context=_setup_context)
+_library.define(
+    "compose(Tensor images, Tensor prompt, Tensor? mask, Tensor? mean, Tensor? std, Tensor? transform, "
+    "SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, str prompt_space, "
+    "str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor", _compose_kernel)
+_library.define(
+    "compose_backward(Tensor grad_out, Tensor? mask, Tensor? std, Tensor? transform, str prompt_space, "
+    "str grad_region, str grad_norm, ScalarType prompt_dtype) -> Tensor", _compose_backward_kernel)
+torch.library.register_fake("vpfast::compose", _compose_fake, lib=_library.LIB)
+torch.library.register_fake("vpfast::compose_backward", _compose_backward_fake, lib=_library.LIB)
+_library.register_autograd("compose", _backward, _setup_context, differentiable=(1,))

@@ -14,7 +14,7 @@ import math
 import torch
 
 from vpfast import _extension
-from vpfast.ops import _dispatch
+from vpfast.ops import _dispatch, _library
 
 ACTIVATIONS = ("softmax", "sigmoid")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -218,6 +218,6 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 if _extension.status().loaded:  # the ops exist only in the compiled extension
-    torch.library.register_fake("vpfast::token_mix")(_fake)
-    torch.library.register_fake("vpfast::token_mix_backward")(_backward_fake)
-    torch.library.register_autograd("vpfast::token_mix", _backward, setup_context=_setup_context)
+    torch.library.register_fake("vpfast::token_mix", _fake, lib=_library.LIB)
+    torch.library.register_fake("vpfast::token_mix_backward", _backward_fake, lib=_library.LIB)
+    _library.register_autograd("token_mix", _backward, _setup_context, differentiable=(0, 1))
