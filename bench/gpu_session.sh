@@ -7,6 +7,7 @@
 #   suite      every other tier on this machine's torch (xdist), a check that nothing depends on torch 2.14
 #   bench-mix  bench/test_token_mix_bench.py      bench-compose  bench/test_compose_bench.py
 #   bench-evp  bench/test_evp_step_bench.py       wheel          the gpu tier against dist/*.whl, outside the tree
+#   bench-host bench/test_host_overhead_bench.py  (host time per call: checks, dispatch, autograd, launches)
 #   bench-transform  the compose cases with the per-sample transform, vpfast only (to compose-transform-vpfast.json)
 #
 # Each step has its own time limit and log; logs and bench/results/*.json land in $OUT (default
@@ -44,6 +45,7 @@ torch.cuda.get_device_capability())') $PY -m pip install --no-build-isolation --
         bench-mix) step bench-mix 500 "${PYTEST[@]}" bench/test_token_mix_bench.py ;;
         bench-compose) step bench-compose 550 "${PYTEST[@]}" bench/test_compose_bench.py ;;
         bench-evp) step bench-evp 400 "${PYTEST[@]}" bench/test_evp_step_bench.py ;;
+        bench-host) step bench-host 120 "${PYTEST[@]}" bench/test_host_overhead_bench.py ;;
         bench-transform) step bench-transform 300 "${PYTEST[@]}" bench/test_compose_bench.py -k "transform and vpfast"
             mv bench/results/compose-*.json "$OUT/compose-transform-vpfast.json" ;;
         wheel) step wheel 400 bash -c "$PY -m pip install -q --no-deps --no-compile --target /tmp/wheel dist/*.whl \
