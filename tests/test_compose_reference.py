@@ -206,7 +206,8 @@ def test_grad_norm_rules_on_the_op(grad_norm):
         assert bool((grad[:, kwargs["mask"] == 0] != 0).any())
 
 
-def test_compile_fullgraph_cpu():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_cpu(dynamic):
     case = Case(transform=True, batch=3)
     images, prompt, kwargs = make_inputs(case, seed=17)
     prompt.requires_grad_(True)
@@ -214,7 +215,7 @@ def test_compile_fullgraph_cpu():
     def step(p):
         return vpfast.ops.compose(images, p, **kwargs).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
     loss, loss_c = step(prompt), compiled(prompt)
     (g,) = torch.autograd.grad(loss, prompt)
     (g_c,) = torch.autograd.grad(loss_c, prompt)

@@ -134,3 +134,12 @@ def test_bad_arguments_are_refused(kwargs, match):
 def test_images_must_be_rgb_batches():
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got shape \(3, 32, 32\)"):
         small_pgn()(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("input_size", [None, 16])
+def test_compiles_without_graph_breaks_under_dynamic_shapes(input_size):
+    pgn = small_pgn(input_size=input_size, gumbel=True, tau=0.5)
+    compiled = torch.compile(pgn, fullgraph=True, dynamic=True, backend="aot_eager")  # the capture, no codegen
+    for batch, height, width in ((2, 32, 32), (3, 24, 40)):
+        images = torch.randn(batch, 3, height, width)
+        torch.testing.assert_close(compiled(images, seed=3), pgn(images, seed=3), atol=1e-5, rtol=1e-5)

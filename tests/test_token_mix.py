@@ -312,7 +312,8 @@ def test_opcheck(case):
 
 @interpreter
 @needs_extension
-def test_compile_fullgraph_cpu(monkeypatch):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_cpu(monkeypatch, dynamic):
     monkeypatch.setenv("VPFAST_BACKEND", "cuda")
     logits, library = make_inputs((2, 4, 9, 6), seed=14)
 
@@ -321,7 +322,7 @@ def test_compile_fullgraph_cpu(monkeypatch):
         b = vpfast.ops.token_mix(z, t, hard=True, activation="sigmoid")
         return (a * a).sum() + (a * b).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
     grads = []
     for fn in (step, compiled):
         z, t = logits.clone().requires_grad_(True), library.clone().requires_grad_(True)

@@ -128,9 +128,11 @@ class PGN(nn.Module):
 
         As the published code's ``torchvision.transforms.functional.resize(images, input_size)``.
         """
+        if self.input_size is None:
+            return images
         height, width = images.shape[-2:]
-        short, long = sorted((height, width))
-        if self.input_size is None or short == self.input_size:
+        short, long = min(height, width), max(height, width)  # not sorted(): dynamic shapes can't be sorted
+        if short == self.input_size:
             return images
         new_long = int(self.input_size * long / short)  # torchvision's resize(int) rule
         size = (self.input_size, new_long) if height <= width else (new_long, self.input_size)

@@ -43,7 +43,7 @@ def _check(logits, library, tau, gumbel, seed, topk, hard, activation) -> None:
         raise ValueError(f"library must have the logits' dtype {logits.dtype}, got {library.dtype}")
     if library.device != logits.device:
         raise ValueError(f"library is on {library.device} but logits are on {logits.device}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:  # also rejects nan
         raise ValueError(f"tau must be a finite Python number > 0 (a fixed temperature, not learnable), got {tau!r}")
     n = logits.shape[2]
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n):
