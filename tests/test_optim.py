@@ -42,7 +42,7 @@ def _batches(steps: int, batch: int, seed: int = 1) -> list[tuple[torch.Tensor, 
 
 def _train_vpfast(batches, epochs: int, lr: float) -> torch.Tensor:
     model = _frozen_model()
-    prompter = EVPrompter(image_size=S, pad=PAD, grad_region="canvas")
+    prompter = EVPrompter(image_size=S, pad=PAD, diversity=None)
     opt = NormalizedSGD.for_prompter(prompter, lr=lr)
     schedule = cosine_per_epoch(opt, epochs)
     for _ in range(epochs):
@@ -154,7 +154,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)  # as in DataLoader workers: a forked child never uses the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model, prompter = _frozen_model(), EVPrompter(image_size=S, pad=PAD, grad_region="canvas")
+        model, prompter = _frozen_model(), EVPrompter(image_size=S, pad=PAD, diversity=None)
         ddp = DistributedDataParallel(prompter)
         opt = NormalizedSGD.for_prompter(prompter, lr=DDP_LR)
         share = DDP_BATCH // world
@@ -174,7 +174,7 @@ def _free_port() -> int:
 
 
 def test_ddp_matches_single_process(tmp_path):
-    model, prompter = _frozen_model(), EVPrompter(image_size=S, pad=PAD, grad_region="canvas")
+    model, prompter = _frozen_model(), EVPrompter(image_size=S, pad=PAD, diversity=None)
     opt = NormalizedSGD.for_prompter(prompter, lr=DDP_LR)
     for images, labels in _batches(DDP_STEPS, DDP_BATCH):
         _ddp_step(prompter, opt, model, images, labels)
@@ -187,7 +187,7 @@ def test_ddp_matches_single_process(tmp_path):
     assert prompter.prompt.abs().max() > 1.0 and rel_err(torch.load(out), prompter.prompt) < 1e-5
     # The check can tell: normalizing each rank's gradient before averaging gives another step.
     images, labels = _batches(1, DDP_BATCH)[0]
-    fresh = EVPrompter(image_size=S, pad=PAD, grad_region="canvas")
+    fresh = EVPrompter(image_size=S, pad=PAD, diversity=None)
     halves = []
     for part in (slice(0, DDP_BATCH // 2), slice(DDP_BATCH // 2, DDP_BATCH)):
         (grad,) = torch.autograd.grad(F.cross_entropy(model(fresh(images[part])), labels[part]), fresh.prompt)

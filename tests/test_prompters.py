@@ -61,7 +61,7 @@ def _twin_rows(prompter, batch: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["uint8", "float_channels_last", "float_inner"])
 @pytest.mark.parametrize("mode, antialias", [("bilinear", False), ("bicubic", True)])
 def test_evp_forward_matches_reference(kind, mode, antialias):
-    prompter = EVPrompter(image_size=S, pad=PAD, mode=mode, antialias=antialias)
+    prompter = EVPrompter(image_size=S, pad=PAD, mode=mode, antialias=antialias, diversity=None)
     _randomize(prompter)  # the centre too: the mask must hide it
     images = _images(kind)
     out = prompter(images)
@@ -108,7 +108,7 @@ def test_patch_forward_and_gradient_match_reference(random, training):
 def test_options_reach_compose():
     options = dict(mode="bicubic", antialias=True, grad_region="canvas", grad_norm="sample_l2",
                    out_dtype=torch.bfloat16)
-    prompter = EVPrompter(image_size=S, pad=PAD, **options)
+    prompter = EVPrompter(image_size=S, pad=PAD, diversity=None, **options)
     _randomize(prompter)
     images = _images("uint8")
     out = prompter(images)
@@ -150,7 +150,8 @@ def test_normal_init(make):
 
 
 @pytest.mark.parametrize("make, space, inner", [
-    (lambda region: EVPrompter(image_size=S, pad=PAD, grad_region=region), "pixel", S - 2 * PAD),
+    (lambda region: EVPrompter(image_size=S, pad=PAD, mode="bilinear", antialias=False, diversity=None,
+                               grad_region=region), "pixel", S - 2 * PAD),
     (lambda region: PadPrompter(image_size=S, pad=PAD, grad_region=region), "normalized", S),
 ], ids=["evp", "pad"])
 @pytest.mark.parametrize("grad_region", ["prompt", "canvas"])
@@ -179,13 +180,16 @@ def test_diversity_rows():
     assert torch.equal(rows, diversity.draw(400, S, torch.Generator().manual_seed(3)))
     assert not torch.equal(rows, diversity.draw(400, S, torch.Generator().manual_seed(4)))
     check_transform(rows, 400, S)
-    identity = (rows == torch.tensor([S, 0, 0, 0], dtype=torch.int32)).all(1)
+    identity = (rows[:, :3] == torch.tensor([S, 0, 0], dtype=torch.int32)).all(1)
     moved = rows[~identity]
     assert 0.4 < len(moved) / 400 < 0.6
-    assert moved[:, 0].min() == 5 and moved[:, 0].max() == S
-    assert set(moved[:, 3].tolist()) == {0, 1}
+    assert moved[:, 0].min() == 5 and moved[:, 0].max() == S - 1  # a size-S row can only sit at (0, 0)
+    assert set(moved[:, 3].tolist()) == set(rows[identity, 3].tolist()) == {0, 1}  # flips whether moved or not
+    assert 0.4 < rows[:, 3].float().mean() < 0.6
     assert (moved[:, 1] + moved[:, 0] == S).any() and (moved[:, 1] == 0).any()  # the whole offset range
-    assert (Diversity(p=0.0, flip=True).draw(50, S, torch.Generator()) == torch.tensor([S, 0, 0, 0])).all()
+    flips = Diversity(p=0.0, flip=True).draw(400, S, torch.Generator())  # EVP's augmentation: flip only
+    assert (flips[:, :3] == torch.tensor([S, 0, 0])).all() and set(flips[:, 3].tolist()) == {0, 1}
+    assert (Diversity(p=0.0).draw(50, S, torch.Generator()) == torch.tensor([S, 0, 0, 0])).all()
     assert Diversity().size_range(224) == (196, 224) and Diversity(max_size=200).size_range(224) == (175, 200)
 
 
@@ -196,13 +200,15 @@ def test_diversity_forward_matches_reference_and_eval_draws_nothing():
     rows = _twin_rows(prompter, B)
     assert not (rows == torch.tensor([S, 0, 0, 0], dtype=torch.int32)).all()
     out = prompter(images)
-    expected = _expected(images, prompter.prompt, _frame(S, PAD), inner=S - 2 * PAD, space="pixel", transform=rows)
+    expected = _expected(images, prompter.prompt, _frame(S, PAD), inner=S - 2 * PAD, space="pixel", transform=rows,
+                         mode="bicubic", antialias=True)
     assert rel_err(out, expected) < 1e-5
     prompter.eval()
     state = prompter.generator.get_state()
     out = prompter(images)
     assert torch.equal(prompter.generator.get_state(), state)
-    assert rel_err(out, _expected(images, prompter.prompt, _frame(S, PAD), inner=S - 2 * PAD, space="pixel")) < 1e-5
+    assert rel_err(out, _expected(images, prompter.prompt, _frame(S, PAD), inner=S - 2 * PAD, space="pixel",
+                                  mode="bicubic", antialias=True)) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])

@@ -64,12 +64,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(tiny(out, max_steps=3, diversity=0.0), progress=False)
+    train(tiny(out, max_steps=3, diversity=0.0, flip=False), progress=False)
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    train(tiny(tmp_path / "single", max_steps=3, diversity=0.0), progress=False)
+    train(tiny(tmp_path / "single", max_steps=3, diversity=0.0, flip=False), progress=False)
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     single, ddp = prompt_of(tmp_path / "single"), prompt_of(tmp_path / "ddp")
     assert single.abs().max() > 0

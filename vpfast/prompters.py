@@ -7,7 +7,7 @@ prompted, normalized S x S batch a frozen model takes, in one fused op. Its own 
 N(0, 1) init); its state is saved with ``state_dict`` so a resumed run repeats the same draws.
 Under DDP each rank has its own generator: with one seed, every rank's sample i gets the same
 diversity row; pass ``seed + rank`` for independent draws (DDP broadcasts rank 0's initial prompt).
-Methods: METHODS.md sections 1-2; the op: DESIGN.md, "compose".
+Methods: docs/methods.md (EVP, Bahng prompters); the op: docs/ops.md (compose).
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class Diversity:
     """Per-sample input diversity: with probability ``p`` a sample's prompted canvas is resized and moved.
 
     A transformed sample is resized to a size drawn uniformly from [``min_size``, ``max_size``]
-    (defaults: max_size S, min_size int(0.875 max_size)), placed at a uniform random offset on the
-    S x S canvas (the rest normalized fill) and, if ``flip``, flipped horizontally with probability
-    0.5 first. Other samples get the identity row (S, 0, 0, 0). ``flip`` defaults off: EVP flips in
-    its data pipeline. Applied in training mode only (DESIGN.md compose step 5; METHODS.md section 1, input diversity).
+    (defaults: max_size S, min_size int(0.875 max_size)) and placed at a uniform random offset on the
+    S x S canvas (the rest normalized fill); the others keep (S, 0, 0). With ``flip`` every sample,
+    transformed or not, is also flipped horizontally with probability 0.5: ``Diversity(p=0, flip=True)``
+    is EVP's random flip. Applied in training mode only (docs/ops.md, compose; docs/methods.md, EVP).
     """
 
     p: float = 0.5
@@ -92,9 +92,11 @@ class Diversity:
         ty = (torch.rand(batch, generator=generator, dtype=torch.float64) * room).long()
         tx = (torch.rand(batch, generator=generator, dtype=torch.float64) * room).long()
         flip = torch.randint(0, 2, (batch,), generator=generator) if self.flip else torch.zeros_like(size)
-        rows = torch.stack([size, ty, tx, flip], 1)
-        identity = torch.tensor([canvas, 0, 0, 0])
-        return torch.where(apply[:, None], rows, identity).to(torch.int32)
+        placed = torch.where(apply[:, None], torch.stack([size, ty, tx], 1), torch.tensor([canvas, 0, 0]))
+        return torch.cat([placed, flip[:, None]], 1).to(torch.int32)
+
+
+EVP_FLIP = Diversity(p=0.0, flip=True)  # EVP's augmentation: a random horizontal flip, nothing else
 
 
 class _Prompter(nn.Module):
@@ -216,14 +218,16 @@ class EVPrompter(_FramePrompter):
     """EVP: a zero-initialized pixel-space frame of width ``pad`` around the image shrunk to S - 2 pad.
 
     Forward: resize to s = S - 2 pad, zero pad to S, add prompt * mask, normalize (CLIP by default),
-    optionally apply input ``diversity``. ``grad_region="canvas"`` with ``NormalizedSGD.for_prompter``
-    reproduces the released EVP update (gradient norm over the whole canvas, masked step).
+    then, in training, apply ``diversity``. The defaults are the released EVP recipe: bicubic,
+    antialiased resize, a random horizontal flip of each training sample (``Diversity(p=0, flip=True)``)
+    and ``grad_region="canvas"``, which with ``NormalizedSGD.for_prompter`` is the released update
+    (gradient norm over the whole canvas, masked step). Differences: docs/methods.md, EVP.
     69,840 trainable values at the defaults.
     """
 
     def __init__(self, image_size: int = 224, pad: int = 30, mean: Sequence[float] | None = CLIP_MEAN,
-                 std: Sequence[float] | None = CLIP_STD, mode: str = "bilinear", antialias: bool = False,
-                 diversity: Diversity | None = None, grad_region: str = "prompt", grad_norm: str | None = None,
+                 std: Sequence[float] | None = CLIP_STD, mode: str = "bicubic", antialias: bool = True,
+                 diversity: Diversity | None = EVP_FLIP, grad_region: str = "canvas", grad_norm: str | None = None,
                  out_dtype: torch.dtype | None = None, seed: int = 0) -> None:
         super().__init__(image_size, pad, image_size - 2 * pad, "pixel", False, mean=mean, std=std, mode=mode,
                          antialias=antialias, diversity=diversity, grad_region=grad_region, grad_norm=grad_norm,

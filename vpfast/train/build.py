@@ -1,19 +1,18 @@
-"""From a TrainConfig to the pieces of a run: backbone, prompter, label mapping, optimizer, schedule."""
+"""From a TrainConfig to the pieces of a run: backbone, prompter, label mapping, optimizer, schedule.
+
+What each method builds is its record's ``build`` (vpfast/methods.py); this module assembles the pieces.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vpfast import backbones
+from vpfast import backbones, methods
 from vpfast.ops.compose import compose
 from vpfast.optim import NormalizedSGD, cosine_per_epoch
-from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
-from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
-from vpfast.protuning import ProTuningAdapter
-from vpfast.train.config import PIXEL_METHODS, TrainConfig
-from vpfast.train.provp import PROVP_METHODS, build_provp_adapter
+from vpfast.train.config import TrainConfig
 
 IMAGENET_CLASSES = 1000
 
@@ -25,15 +24,16 @@ class Normalizer(nn.Module):
     the plain input, and get it through the same fused op as the pixel prompters.
     """
 
-    def __init__(self, size: int, mean, std) -> None:
+    def __init__(self, size: int, mean, std, mode: str = "bilinear", antialias: bool = False) -> None:
         super().__init__()
-        self.size = size
+        self.size, self.mode, self.antialias = size, mode, antialias
         self.register_buffer("zero", torch.zeros(3, size, size), persistent=False)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return compose(images, self.zero, inner_size=self.size, mean=self.mean, std=self.std)
+        return compose(images, self.zero, inner_size=self.size, mean=self.mean, std=self.std, mode=self.mode,
+                       antialias=self.antialias)
 
 
 class PromptedClassifier(nn.Module):
@@ -120,43 +120,24 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
 
 
 def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module:
-    """The method's prompter, sized to the backbone's input and normalized with its mean/std."""
-    size = cfg.image_size or backbone.input_size[0]
-    if cfg.method not in PIXEL_METHODS:
-        return Normalizer(size, backbone.mean, backbone.std)
-    scaled = max(1, round(30 * size / 224))
-    diversity = Diversity(p=cfg.diversity) if cfg.diversity > 0 else None
-    common = dict(image_size=size, mean=backbone.mean, std=backbone.std, mode=cfg.mode, antialias=cfg.antialias,
-                  diversity=diversity, grad_region=cfg.grad_region, seed=cfg.seed)
-    if cfg.method == "evp":
-        return EVPrompter(pad=cfg.pad or scaled, **common)
-    if cfg.method == "pad":
-        return PadPrompter(pad=cfg.pad or scaled, **common)
-    return PatchPrompter(patch=cfg.patch or scaled, random=True, **common)
+    """The method's prompter, sized to the backbone's input and normalized with its mean/std (a plain
+    ``Normalizer`` for methods that are not pixel prompts)."""
+    method = methods.get(cfg.method)
+    if method.kind == "pixel":
+        return method.build(cfg, backbone)
+    return Normalizer(cfg.image_size or backbone.input_size[0], backbone.mean, backbone.std, cfg.mode, cfg.antialias)
 
 
 def build_tokens(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module | None:
-    """PGN's generator for ``--method pgn`` (published ResNet-10, sized to the ViT's width), else None."""
-    if cfg.method != "pgn":
-        return None
-    try:
-        dim = PromptedViT(backbone).dim
-    except TypeError as exc:
-        raise ValueError(f"--method pgn needs a ViT backbone, and {cfg.model} is not one: {exc}") from exc
-    return PGN(cfg.num_prompts, cfg.library_size, dim, input_size=cfg.image_size or backbone.input_size[0])
+    """The prompt-token generator of a "tokens" method (PGN), else None."""
+    method = methods.get(cfg.method)
+    return method.build(cfg, backbone) if method.kind == "tokens" else None
 
 
 def build_adapter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module | None:
-    """The module that prompts inside the backbone for methods that do: ProVP/VPT deep prompts, Pro-tuning's
-    stage prompt blocks."""
-    if cfg.method in PROVP_METHODS:  # ProVP-Ref and VPT: deep prompt tokens
-        return build_provp_adapter(cfg, backbone)
-    if cfg.method != "protuning":
-        return None
-    try:
-        return ProTuningAdapter(backbone, ratio=cfg.block_ratio, vit_stages=cfg.vit_stages)
-    except TypeError as exc:
-        raise ValueError(f"--method protuning cannot prompt {cfg.model}: {exc}") from exc
+    """The module that prompts inside the backbone for an "adapter" method (ProVP, VPT, Pro-tuning), else None."""
+    method = methods.get(cfg.method)
+    return method.build(cfg, backbone) if method.kind == "adapter" else None
 
 
 def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_classes: int) -> nn.Module | None:

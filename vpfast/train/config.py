@@ -1,10 +1,10 @@
 """The training configuration: one dataclass, saved as JSON with every checkpoint.
 
-Defaults reproduce the released recipes (METHODS.md): EVP trains a zero-initialized frame
-(30 px of 224 around a 164 image) with NormalizedSGD at lr 70, per-epoch cosine, batch 256,
-1000 epochs, gradient norm over the whole canvas; the Bahng pad/patch prompters train with
-SGD lr 40, momentum 0.9 and cosine; PGN (ViT backbones only) trains its generator and token
-library with SGD lr 0.1, momentum 0.9, a linear warmup over half the epochs, then cosine to lr/100.
+Defaults reproduce the released recipes (docs/methods.md; per-method values in vpfast/methods.py): EVP trains a
+zero-initialized frame (30 px of 224 around a 164 image, bicubic antialiased resize, random horizontal flip) with
+NormalizedSGD at lr 70, per-epoch cosine, batch 256, 1000 epochs, gradient norm over the whole canvas; the
+Bahng pad/patch prompters train with SGD lr 40, momentum 0.9 and cosine; PGN (ViT backbones only) trains its generator
+and token library with SGD lr 0.1, momentum 0.9, a linear warmup over half the epochs, then cosine to lr/100.
 Pro-tuning has no released code: its prompt blocks train with Adam at lr 1e-3 and cosine, our
 choice, not the paper's [NOT VERIFIED]. ProVP-Ref and VPT train their deep prompts with SGD lr 0.1,
 momentum 0.9 and cosine; the rest of their recipe is in vpfast/train/provp.py.
@@ -18,21 +18,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpfast import methods
 from vpfast.ops.compose import check_choice
 from vpfast.train import provp
 
-METHODS = ("evp", "pad", "patch", "pgn", "protuning", "provp", "vpt")
-PIXEL_METHODS = ("evp", "pad", "patch")  # methods whose prompt is a picture; the others see normalized images
+METHODS = methods.names()
+PIXEL_METHODS = methods.names("pixel")  # methods whose prompt is a picture; the others see normalized images
 OPTIMIZERS = ("normalized-sgd", "sgd", "adam")
 LABEL_MAPPINGS = ("first-k", "frequency")
-
-# method -> (optimizer, lr, momentum)
-RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "patch": ("sgd", 40.0, 0.9),
-           "pgn": ("sgd", 0.1, 0.9),
-           # Pro-tuning: no released recipe; Adam at 1e-3 for the zero-initialized blocks is our choice [NOT VERIFIED]
-           "protuning": ("adam", 1e-3, 0.0),
-           "provp": ("sgd", 0.1, 0.9), "vpt": ("sgd", 0.1, 0.9)}  # more of their recipe: vpfast/train/provp.py
-
 
 @dataclass
 class TrainConfig:
@@ -49,8 +42,9 @@ class TrainConfig:
     image_size: int | None = None  # canvas S; default: the backbone's input size
     pad: int | None = None  # frame width; default 30 / 224 of S
     patch: int | None = None  # patch side for the patch prompter; default 30 / 224 of S
-    mode: str = "bilinear"
-    antialias: bool = False
+    mode: str | None = None  # resize of the stored image to the inner size; default: the recipe's (bicubic)
+    antialias: bool | None = None  # default: the recipe's (on)
+    flip: bool | None = None  # random horizontal flip of each training sample; default: the recipe's (EVP: on)
     diversity: float = 0.0  # probability of per-sample random resize/placement (0: off)
     grad_region: str | None = None  # default: "canvas" for EVP (its released norm), else "prompt"
     optimizer: str | None = None
@@ -91,10 +85,10 @@ class TrainConfig:
         cfg = dataclasses.replace(self)
         check_choice("method", cfg.method, METHODS)
         provp.resolve(cfg)
-        optimizer, lr, momentum = RECIPES[cfg.method]
-        cfg.optimizer = cfg.optimizer or optimizer
-        cfg.lr = lr if cfg.lr is None else cfg.lr
-        cfg.momentum = momentum if cfg.momentum is None else cfg.momentum
+        recipe = methods.get(cfg.method).recipe
+        for name in ("optimizer", "lr", "momentum", "mode", "antialias", "flip"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, getattr(recipe, name))
         cfg.grad_region = cfg.grad_region or ("canvas" if cfg.method == "evp" else "prompt")
         pgn = cfg.method == "pgn"
         cfg.warmup_epochs = (cfg.epochs // 2 if pgn else 0) if cfg.warmup_epochs is None else cfg.warmup_epochs
@@ -102,6 +96,7 @@ class TrainConfig:
         if not 0 <= cfg.warmup_epochs < cfg.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {cfg.epochs}), got {cfg.warmup_epochs}")
         check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+        check_choice("mode", cfg.mode, ("bilinear", "bicubic"))
         check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
         check_choice("amp", cfg.amp, (None, "bf16"))
         for name in ("epochs", "batch_size", "log_every", "block_ratio", "vit_stages"):
