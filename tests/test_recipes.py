@@ -13,7 +13,7 @@ from torch import nn
 from compose_cases import rel_err
 from vpfast.optim import NormalizedSGD, cosine_per_epoch
 from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter
-from vpfast.train.build import build_prompter
+from vpfast.train.build import build_optimizer, build_prompter
 from vpfast.train.config import TrainConfig
 
 pytestmark = pytest.mark.cpu
@@ -137,3 +137,29 @@ def test_recipe_fields_can_be_overridden():
     assert (pad.mode, pad.antialias, pad.diversity) == ("bicubic", True, None)  # Bahng: CLIP's test preprocessing
     with pytest.raises(ValueError, match=r"mode must be one of \('bilinear', 'bicubic'\), got 'nearest'"):
         TrainConfig(mode="nearest").resolved()
+
+
+def _lrs(cfg: TrainConfig, epochs: int) -> list[float]:
+    model = SimpleNamespace(trained=nn.Linear(2, 2))
+    optimizer, schedule = build_optimizer(cfg, model, epochs)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_pgn_schedule_is_the_released_warmup_then_cosine():
+    """jochemloedeman/PGN CosineWithWarmup: lr / W at epochs 0 and 1, e lr / W up to W, then cosine to lr / 100."""
+    epochs, lr = 10, 0.1
+    cfg = TrainConfig(method="pgn", epochs=epochs).resolved()
+    warmup, floor = cfg.warmup_epochs, lr / 100
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, warmup, cfg.min_lr_ratio) == ("sgd", 0.1, 0.9, 5, 0.01)
+    released = [max(e, 1) * lr / warmup if e < warmup else
+                floor + (lr - floor) * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup))) / 2
+                for e in range(epochs)]
+    assert _lrs(cfg, epochs) == pytest.approx(released, rel=1e-9)
+    # ProVP and VPT keep their linear warmup (e + 1) lr / (W + 1)
+    vpt = TrainConfig(method="vpt", epochs=epochs, model="timm:vit_tiny_patch16_224").resolved()
+    assert _lrs(vpt, epochs)[0] == pytest.approx(0.1 / 2)

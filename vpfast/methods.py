@@ -31,6 +31,7 @@ class Recipe:
     mode: str = "bicubic"  # the released pipelines resize with PIL bicubic, antialiased
     antialias: bool = True
     flip: bool = False  # random horizontal flip of each training sample
+    warmup: str = "linear"  # warmup factor at epoch e < W: "linear" (e + 1) / (W + 1); "pgn" max(e, 1) / W
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("patch", "pixel", "Bahng et al.'s random patch prompter", ("vpfast.prompters",), _SGD_40, _build_patch,
            _PIXELS, "not in the demo"),
     Method("pgn", "tokens", "PGN: a ResNet-10 mixes a token library into input-dependent prompt tokens (ViTs)",
-           ("vpfast.pgn", "vpfast.prompt_tokens", "vpfast.inversion"), _SGD_01, _build_pgn,
-           "the generator + patch inverse as pixel prompts (vpfast.export)",
+           ("vpfast.pgn", "vpfast.prompt_tokens", "vpfast.inversion"), Recipe("sgd", 0.1, 0.9, warmup="pgn"),
+           _build_pgn,           "the generator + patch inverse as pixel prompts (vpfast.export)",
            "a small ViT on MNIST, 4 tokens from a library of 32, then exported as pixels"),
     # Pro-tuning has no released code: Adam at 1e-3 for its zero-initialized blocks is our choice [NOT VERIFIED]
     Method("protuning", "adapter", "Pro-tuning: prompt blocks before each backbone stage (CNNs and ViTs)",

@@ -4,7 +4,7 @@
 generator gives (B, M, N) mixing logits, ``vpfast.ops.token_mix`` turns them into softmax weights
 over the N library tokens and mixes the (N, d) library into (B, M, d) prompts, which
 ``vpfast.prompt_tokens.PromptedViT`` appends to a frozen ViT's tokens. As published
-(jochemloedeman/PGN ``tlpgn.py``, ``resnet.py``; METHODS.md section 4, DESIGN.md "PGN as published"):
+(jochemloedeman/PGN ``tlpgn.py``, ``resnet.py``; docs/methods.md, PGN):
 
 - ResNet-10 generator: 3x3/2 stem convolution (no bias) + BN + ReLU + 3x3/2 max-pool, one basic block
   per group with 16/32/64/128 channels, stride 2 and a 1x1 convolution shortcut (with bias, no BN) in
@@ -12,14 +12,20 @@ over the N library tokens and mixes the (N, d) library into (B, M, d) prompts, w
   torchvision's ResNet-18 (random weights, 512 features) is the alternative generator.
 - Library N(0, 0.02^2) of shape (N, d); softmax mixing at tau = 1 with no noise, top-k or hard sampling
   (the op's other options are exposed).
-- The generator sees the image resized (shorter side, bilinear, antialiased) to ``input_size``: 224 as
-  published, a no-op on CLIP's 224 input.
+- The generator sees the image resized (shorter side, bilinear, not antialiased: torchvision 0.13's tensor
+  resize) to ``input_size``: 224 as published, a no-op on CLIP's 224 input.
+
+``PGN.from_released`` loads the 18 PGNs the authors publish (``pretrained_pgns/``: CLIP, DINO and ViT).
 
 At the defaults (M 16, N 256, d 768) it has 1,032,304 parameters: library 196,608, head 528,384,
 ResNet-10 trunk 307,312.
 """
 
 from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +130,10 @@ class PGN(nn.Module):
         self.library = nn.Parameter(torch.empty(library_size, dim).normal_(std=LIBRARY_STD))
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` with the shorter side at ``input_size`` (bilinear, antialiased), as the generator sees them.
+        """``images`` with the shorter side at ``input_size`` (bilinear, no antialiasing), as the generator sees them.
 
-        As the published code's ``torchvision.transforms.functional.resize(images, input_size)``.
+        As the published code's ``torchvision.transforms.functional.resize(images, input_size)`` on tensors
+        with torchvision 0.13, whose tensor resize does not antialias.
         """
         if self.input_size is None:
             return images
@@ -136,7 +143,7 @@ class PGN(nn.Module):
             return images
         new_long = int(self.input_size * long / short)  # torchvision's resize(int) rule
         size = (self.input_size, new_long) if height <= width else (new_long, self.input_size)
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, M, N) mixing logits of normalized (B, 3, H, W) images."""
@@ -148,7 +155,62 @@ class PGN(nn.Module):
         """(B, M, d) prompt tokens for normalized images; ``seed`` drives the Gumbel noise when it is on."""
         return token_mix(self.logits(images), self.library, seed=seed, **self.mix_options)
 
+    @classmethod
+    def from_released(cls, path: str | Path, **mix_options) -> PGN:
+        """A PGN with the weights of a checkpoint published in jochemloedeman/PGN (``pretrained_pgns/*.pt``).
+
+        Those files are plain state dicts of the authors' ``TLPGN`` (``tl_vectors`` and the ResNet-10
+        ``model.*``), read here with ``torch.load(weights_only=True)``: tensors and containers only, nothing
+        executed; a file that holds anything else is refused. The library size and token width come from
+        ``tl_vectors``, the number of prompts from the head's outputs, so the CLIP (M 16, N 256, d 768), DINO
+        (N 128, d 384) and ViT (N 128, d 768) variants all load. ``mix_options`` go to ``PGN`` (tau, ...).
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{path} is not a plain state dict of tensors (weights_only=True refused it): "
+                             f"{exc}") from exc
+        if not isinstance(state, dict) or "tl_vectors" not in state or "model.output_net.2.weight" not in state:
+            keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} is not a released PGN checkpoint: expected the keys 'tl_vectors' and "
+                             f"'model.output_net.2.weight', got {keys}")
+        library_size, dim = state["tl_vectors"].shape
+        outputs = state["model.output_net.2.weight"].shape[0]
+        if outputs % library_size:
+            raise ValueError(f"{path}: the head's {outputs} outputs are not a multiple of the library size "
+                             f"{library_size}")
+        pgn = cls(outputs // library_size, library_size, dim, **mix_options)
+        renamed = {_vpfast_key(key): value for key, value in state.items()}
+        expected = pgn.state_dict()
+        unknown, missing = sorted(set(renamed) - set(expected)), sorted(set(expected) - set(renamed))
+        if unknown or missing:
+            raise ValueError(f"{path} does not match PGN's ResNet-10: unexpected keys {unknown[:5]}, missing keys "
+                             f"{missing[:5]} (vpfast names)")
+        for key, value in renamed.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, PGN's ResNet-10 expects "
+                                 f"{tuple(expected[key].shape)}")
+        pgn.load_state_dict(renamed)
+        return pgn
+
     def extra_repr(self) -> str:
         options = ", ".join(f"{key}={value}" for key, value in self.mix_options.items())
         return (f"num_prompts={self.num_prompts}, library_size={self.library_size}, dim={self.dim}, "
                 f"generator={self.generator!r}, input_size={self.input_size}, {options}")
+
+
+_RELEASED_KEYS = (  # released TLPGN state-dict names -> PGN's
+    (re.compile(r"^tl_vectors$"), "library"),
+    (re.compile(r"^model\.input_net\.(\d+)\."), r"trunk.\1."),
+    (re.compile(r"^model\.blocks\.(\d+)\.net\."), lambda m: f"trunk.{4 + int(m.group(1))}.body."),
+    (re.compile(r"^model\.blocks\.(\d+)\.downsample\."), lambda m: f"trunk.{4 + int(m.group(1))}.shortcut."),
+    (re.compile(r"^model\.output_net\.2\."), "head."),
+)
+
+
+def _vpfast_key(key: str) -> str:
+    """PGN's name for a key of the released ``TLPGN`` state dict (unknown keys stay as they are)."""
+    for pattern, replacement in _RELEASED_KEYS:
+        if pattern.search(key):
+            return pattern.sub(replacement, key, count=1)
+    return key

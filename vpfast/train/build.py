@@ -152,7 +152,7 @@ def build_mapping(cfg: TrainConfig, backbone: backbones.FrozenClassifier, num_cl
 
 
 def build_optimizer(cfg: TrainConfig, model: PromptedClassifier, epochs: int):
-    """(optimizer, per-epoch schedule) over the trained module: optional linear warmup, then cosine."""
+    """(optimizer, per-epoch schedule) over the trained module: optional warmup (the recipe's), then cosine."""
     trained = model.trained
     if cfg.optimizer == "normalized-sgd":
         optimizer = NormalizedSGD.for_prompter(trained, lr=cfg.lr)
@@ -167,5 +167,18 @@ def build_optimizer(cfg: TrainConfig, model: PromptedClassifier, epochs: int):
     cosine = sched.CosineAnnealingLR(optimizer, T_max=epochs - cfg.warmup_epochs, eta_min=cfg.lr * cfg.min_lr_ratio)
     if not cfg.warmup_epochs:
         return optimizer, cosine
-    warmup = sched.LinearLR(optimizer, start_factor=1 / (cfg.warmup_epochs + 1), total_iters=cfg.warmup_epochs)
+    if methods.get(cfg.method).recipe.warmup == "pgn":  # released PGN: lr / W at epochs 0 and 1, then e lr / W
+        warmup = sched.LambdaLR(optimizer, _PGNWarmup(cfg.warmup_epochs))
+    else:
+        warmup = sched.LinearLR(optimizer, start_factor=1 / (cfg.warmup_epochs + 1), total_iters=cfg.warmup_epochs)
     return optimizer, sched.SequentialLR(optimizer, [warmup, cosine], milestones=[cfg.warmup_epochs])
+
+
+class _PGNWarmup:
+    """The released PGN warmup factor max(e, 1) / W at epoch e < W (jochemloedeman/PGN ``CosineWithWarmup``)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def __call__(self, epoch: int) -> float:
+        return max(epoch, 1) / self.epochs
