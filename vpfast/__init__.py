@@ -9,6 +9,7 @@ _extension.status()
 from vpfast import ops  # noqa: E402
 from vpfast.optim import NormalizedSGD, cosine_per_epoch  # noqa: E402
 from vpfast.pgn import PGN  # noqa: E402
+from vpfast.pretrained import from_hub, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from vpfast.prompt_tokens import PromptedViT  # noqa: E402
 from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter, PadPrompter, PatchPrompter  # noqa: E402
 from vpfast.protuning import ProTuning  # noqa: E402
@@ -28,5 +29,9 @@ __all__ = [
     "PromptedViT",
     "__version__",
     "cosine_per_epoch",
+    "from_hub",
+    "from_pretrained",
     "ops",
+    "push_to_hub",
+    "save_pretrained",
 ]

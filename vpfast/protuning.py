@@ -259,6 +259,7 @@ class ProTuningAdapter(nn.Module):
     def __init__(self, classifier: nn.Module, *, ratio: int = 4, vit_stages: int = 4) -> None:
         super().__init__()
         protuning = ProTuning(classifier, ratio=ratio, vit_stages=vit_stages)
+        self.ratio, self.vit_stages = ratio, vit_stages  # what rebuilds it (vpfast.pretrained)
         self.blocks = protuning.blocks
         self._protuning = (protuning,)  # a tuple, so the classifier is not registered twice
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vpfast import pretrained
 from vpfast.train import checkpoint, data
 from vpfast.train.build import (
     PromptedClassifier,
@@ -250,6 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     })
     if main_rank:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        pretrained.save_run(out / "pretrained", model, cfg, classes, results)  # the shareable prompt
         if cfg.method in PIXEL_METHODS:
             model.prompter.to_image().save(out / "prompt.png")
         plot(out / "metrics.jsonl", out / "training.png")
