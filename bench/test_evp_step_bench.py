@@ -53,7 +53,7 @@ def _mask() -> torch.Tensor:
 
 
 def released_step(model, tokenizer, prompt_cpu, images_u8, labels):
-    """The released EVP pattern (METHODS.md section 1, "do not copy")."""
+    """The released EVP pattern (docs/methods.md, EVP)."""
     x = F.pad(images_u8.float() / 255, (PAD, PAD, PAD, PAD)).to(DEVICE)
     prompts = prompt_cpu.to(DEVICE).repeat(x.shape[0], 1, 1, 1).requires_grad_(True)
     prompts.retain_grad()

@@ -1,4 +1,4 @@
-"""Triton kernels for compose (DESIGN.md, "compose") and their launchers.
+"""Triton kernels for compose (docs/ops.md, compose) and their launchers.
 
 Forward: one pass; each output element is computed from the source image
 through the cache (resize taps, placement, prompt, normalization and the

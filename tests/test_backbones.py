@@ -22,7 +22,7 @@ from vpfast.backbones.zero_shot import class_text_embeddings
 
 pytestmark = pytest.mark.cpu
 
-# open_clip has no tiny config: shrink ViT-B-32 (METHODS.md section 8, "Tests").
+# open_clip has no tiny config: shrink ViT-B-32 (docs/backbones.md, open_clip).
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},

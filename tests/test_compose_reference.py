@@ -62,7 +62,7 @@ def resize_weights(n_in: int, n_out: int, mode: str, antialias: bool) -> np.ndar
 
 
 def independent_forward(images, prompt, kwargs) -> np.ndarray:
-    """DESIGN.md compose steps 1-5 in numpy float64 with explicit weight matrices."""
+    """docs/ops.md compose steps 1-5 in numpy float64 with explicit weight matrices."""
     x = images.double().numpy()
     if images.dtype == torch.uint8:
         x = x / 255

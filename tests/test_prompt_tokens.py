@@ -53,7 +53,7 @@ def tiny_clip_classifier(**kwargs) -> FrozenClassifier:
     return from_open_clip("ViT-B-32", None, classnames=CLASSNAMES, model_cfg=CLIP_CFG, **kwargs)
 
 
-# ---- forwards written out from the public attributes (METHODS.md section 8) ------------------------------
+# ---- forwards written out from the public attributes (docs/backbones.md) ------------------------------
 
 
 def reference_open_clip(visual: nn.Module, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def images() -> torch.Tensor:
     return torch.randn(BATCH, 3, 32, 32)
 
 
-# ---- ProVP written out from the public attributes, one block at a time (METHODS.md sections 5, 6, 8) ------
+# ---- ProVP written out from the public attributes, one block at a time (docs/methods.md, VPT and ProVP-Ref) ------
 
 
 def reference(vit: nn.Module, x: torch.Tensor, prompts: torch.Tensor, alpha: float) -> torch.Tensor:

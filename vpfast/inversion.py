@@ -1,6 +1,6 @@
 """Prompt inversion: prompt tokens turned into pixel patches through the pseudo-inverse of the patch embedding.
 
-PGN publishes no inversion code (METHODS.md section 4, "[inferred]"); this module decides the method.
+PGN publishes no inversion code (docs/methods.md, PGN, "[inferred]"); this module decides the method.
 
 **Placement.** The M inverted patches *replace* M patches of the image, at patch positions chosen by the
 caller (by default the last M in raster order: the bottom row(s), the end of the row-major patch order).

@@ -1,6 +1,6 @@
 """The EVP update (globally L2-normalized, masked gradient step) and its per-epoch cosine schedule.
 
-Contract: DESIGN.md, "EVP update"; the released code: METHODS.md section 1.
+Contract: docs/ops.md, "The EVP update"; the released code: docs/methods.md, EVP.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``PromptedViT(model)(images, prompts)`` appends M prompt tokens to the token sequence after the positional
 embedding and before the pre-norm, with no positional embedding of their own, and removes them again
-before pooling (METHODS.md sections 4 and 8):
+before pooling (docs/methods.md, PGN; docs/backbones.md):
 
 - open_clip ``VisionTransformer``: after ``+ positional_embedding`` (and patch dropout), before ``ln_pre``,
   so the prompts are ``ln_pre``'d with the image tokens; removed at the transformer's output, before

@@ -1,5 +1,5 @@
 """Pro-tuning (Nie et al., TCSVT 2023, arXiv 2207.14381): light, input-dependent prompt blocks on the features
-entering each stage of a frozen backbone, for classification and dense prediction (METHODS.md section 7).
+entering each stage of a frozen backbone, for classification and dense prediction (docs/methods.md, Pro-tuning).
 
 Each block maps a stage's input x to ``x + beta * g(x)`` with a zero-initialized per-channel scale beta, so a
 freshly wrapped model computes exactly what the frozen one does. The paper's block has no public code and is

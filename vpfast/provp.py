@@ -1,7 +1,7 @@
 """ProVP-Ref and VPT: deep prompt tokens in a frozen ViT, and ProVP's contrastive feature re-formation loss.
 
 ``ProVP(model, num_prompts=M, alpha, deep)`` runs an open_clip or timm ViT with M learned prompt tokens per
-layer (METHODS.md sections 5, 6 and 8), without modifying the model's code or weights:
+layer (docs/methods.md, VPT and ProVP-Ref; docs/backbones.md), without modifying the model's code or weights:
 
 - layer 0: P_0 is inserted right after the prefix tokens (the class token; timm register tokens too), after
   the pre-norm (open_clip ``ln_pre``, timm ``norm_pre``), with no positional embedding;

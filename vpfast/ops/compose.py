@@ -1,6 +1,6 @@
 """compose: shrink + pad + prompt + normalize (+ per-sample transform) in one op.
 
-The op behind EVP and the pixel prompters (contract: DESIGN.md, "compose").
+The op behind EVP and the pixel prompters (contract: docs/ops.md, compose).
 This file holds the argument checks, the reference implementation (plain
 PyTorch: the specification and the CPU path), the ``torch.library``
 registration with fake and autograd, and the dispatch to the Triton kernels
@@ -197,7 +197,7 @@ def compose_reference(
     antialias: bool = False,
     prompt_space: str = "pixel",
 ) -> torch.Tensor:
-    """The forward specification (DESIGN.md compose steps 1-5), differentiable in every input.
+    """The forward specification (docs/ops.md, compose, steps 1-5), differentiable in every input.
 
     Computes in float64 when the prompt is float64, else in float32; the caller casts.
     """

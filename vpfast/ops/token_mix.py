@@ -1,6 +1,6 @@
 """token_mix: PGN token-library soft sampling, ``P = A @ T`` with ``A = softmax((Z + G) / tau)``.
 
-The op behind PGN's prompt generator (contract: DESIGN.md, "token_mix"; METHODS.md section 4). This
+The op behind PGN's prompt generator (contract: docs/ops.md, token_mix; docs/methods.md, PGN). This
 file holds the argument checks, the reference implementation (plain PyTorch: the specification, on
 any device, float64-capable), the Gumbel noise both share with the compiled kernels, the fake and
 autograd registrations of the compiled ops ``vpfast::token_mix`` / ``vpfast::token_mix_backward``
@@ -172,7 +172,7 @@ def token_mix_reference(
     hard: bool = False,
     activation: str = "softmax",
 ) -> torch.Tensor:
-    """The specification (DESIGN.md token_mix), differentiable in ``logits`` and ``library``.
+    """The specification (docs/ops.md, token_mix), differentiable in ``logits`` and ``library``.
 
     Computes in float64 for float64 inputs, else in float32, and returns the logits' dtype.
     """

@@ -1,6 +1,6 @@
 """``vpfast train --method provp|vpt``: the recipe defaults, their checks, and the adapter built from a TrainConfig.
 
-ProVP-Ref (METHODS.md section 6): M = 16 prompts in every layer blended with alpha = 0.01, re-formation
+ProVP-Ref (docs/methods.md): M = 16 prompts in every layer blended with alpha = 0.01, re-formation
 loss weight 1.0 at temperature 1.0, SGD lr 0.1, momentum 0.9, cosine, weight decay 5e-4, one warmup epoch
 (the released code warms up at a constant 1e-5; here the linear warmup starts at lr / 2). VPT (section 5):
 the same prompts with alpha = 0 (deep) or layer 0 only (``--no-deep``), no re-formation loss, weight decay
