@@ -65,7 +65,8 @@ def test_gap_between_latent_and_pixel_prompts_is_measured(pgn_run):
 
 def test_export_refuses_a_pixel_prompter_run(tmp_path):
     train(tiny(tmp_path, max_steps=1), progress=False)
-    with pytest.raises(ValueError, match="turns PGN runs into pixel prompts; .* is a run of method 'evp'"):
+    with pytest.raises(ValueError, match=r"turns prompt-token runs \(PGN\) into pixel prompts; .* is a run of method "
+                                         r"'evp', for which export does nothing: the prompt is already pixels"):
         from vpfast.export import export_pixel_prompts
 
         export_pixel_prompts(tmp_path / "last")

@@ -163,3 +163,18 @@ def test_pgn_schedule_is_the_released_warmup_then_cosine():
     # ProVP and VPT keep their linear warmup (e + 1) lr / (W + 1)
     vpt = TrainConfig(method="vpt", epochs=epochs, model="timm:vit_tiny_patch16_224").resolved()
     assert _lrs(vpt, epochs)[0] == pytest.approx(0.1 / 2)
+
+
+def test_the_command_line_reads_the_registry_and_leaves_recipe_fields_to_the_recipe(capsys):
+    from vpfast import cli, methods
+
+    parser = cli.build_parser()
+    cfg = cli._config(parser.parse_args(["train"]))
+    assert (cfg.mode, cfg.antialias, cfg.flip) == (None, None, None)  # unset: the recipe's
+    cfg = cli._config(parser.parse_args(["train", "--no-flip", "--no-antialias", "--mode", "bilinear"]))
+    assert (cfg.flip, cfg.antialias, cfg.mode) == (False, False, "bilinear")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for method in methods.REGISTRY.values():
+        assert "".join(f"{method.name} ({method.kind}): {method.summary}".split()) in shown

@@ -46,6 +46,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import typing
 
+    from vpfast import methods
     from vpfast.train.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -54,8 +55,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kind = hints[f.name]
         help_text = ""
-        if kind is bool:
+        if kind is bool or bool in typing.get_args(kind):  # bool | None: the recipe decides unless given
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "method":  # the method registry: its names and what each one is
+            parser.add_argument(flag, default=default, help=methods.describe())
         elif f.name == "model_cfg":
             parser.add_argument(flag, type=json.loads, default=default, help="a JSON object")
         elif f.name == "templates":

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vpfast.train.config import PIXEL_METHODS, TrainConfig
+from vpfast import methods
+from vpfast.train.config import TrainConfig
 from vpfast.train.loop import build_run, evaluate, refresh_mapping, train
 
 BACKBONE = "timm:tf_efficientnet_lite0"
@@ -36,6 +37,9 @@ VIT_PRESETS = {
     "quick": dict(train_limit=1536, test_limit=1000, epochs=3, batch_size=64),
     "long": dict(train_limit=None, test_limit=None, epochs=20, batch_size=64),
 }
+# The resize and flip the README's demo figures were measured with (the recipes' bicubic resize and EVP's flip
+# are not what those runs used).
+MEASURED_INPUT = dict(mode="bilinear", antialias=False, flip=False)
 # method -> (label, overrides): the optimizer and step size chosen for this small budget.
 METHODS = {
     "evp": ("EVP", dict(method="evp", optimizer="normalized-sgd", lr=20.0)),
@@ -53,13 +57,14 @@ def demo_config(data: str, preset: str, out: Path, method: str) -> TrainConfig:
     settings = dict(PRESETS[preset])
     return TrainConfig(model=BACKBONE, pretrained=WEIGHTS, data=data, label_mapping="frequency", log_every=2,
                        mapping_samples=1000, val_fraction=0.1, num_workers=0, out=str(out / method),
-                       **settings, **METHODS[method][1])
+                       **MEASURED_INPUT, **settings, **METHODS[method][1])
 
 
 def vit_config(vit: Path, preset: str, out: Path, method: str) -> TrainConfig:
     return TrainConfig(model=f"timm:local-dir:{vit}", pretrained="true", data=VIT_TASK, image_size=32,
                        label_mapping="frequency", log_every=2, mapping_samples=1000, val_fraction=0.1,
-                       num_workers=0, out=str(out / method), **VIT_PRESETS[preset], **VIT_METHODS[method][1])
+                       num_workers=0, out=str(out / method), **MEASURED_INPUT, **VIT_PRESETS[preset],
+                       **VIT_METHODS[method][1])
 
 
 def baseline(cfg: TrainConfig, progress: bool) -> float:
@@ -72,7 +77,7 @@ def baseline(cfg: TrainConfig, progress: bool) -> float:
     cfg = cfg.resolved()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, (train_set, _, test_set), _ = build_run(cfg, device)
-    if cfg.method not in PIXEL_METHODS:
+    if methods.get(cfg.method).kind != "pixel":
         model = PromptedClassifier(model.prompter, model.backbone, model.mapping)
     refresh_mapping(model, train_set, cfg, device, progress)
     return evaluate(model, test_set, cfg.batch_size, device, 0, "baseline", progress)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from vpfast import methods
 from vpfast.inversion import InvertedPrompts, PatchInverse, paste_patches, patch_inverse
 from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
@@ -45,9 +46,10 @@ def export_pixel_prompts(run: str | Path, out: str | Path | None = None) -> Path
     run = Path(run)
     directory = Path(checkpoint.resolve(run / "best" if (run / "best").is_dir() else run))
     cfg = TrainConfig.load(directory / checkpoint.CONFIG).resolved()
-    if cfg.method != "pgn":
-        raise ValueError(f"vpfast export turns PGN runs into pixel prompts; {directory} is a run of method "
-                         f"{cfg.method!r} (pixel prompters are pixels already: see prompt.png and the checkpoint)")
+    method = methods.get(cfg.method)
+    if method.kind != "tokens":  # the registry says what export does with each method
+        raise ValueError(f"vpfast export turns prompt-token runs (PGN) into pixel prompts; {directory} is a run of "
+                         f"method {cfg.method!r}, for which export does {method.export}")
     cfg.device = "cpu"
     model, _, _ = build_run(cfg, torch.device("cpu"))
     model.load_trainable_state(checkpoint.load_tensors(directory))

@@ -28,10 +28,14 @@ class Recipe:
     optimizer: str
     lr: float
     momentum: float = 0.0
+    weight_decay: float = 0.0
     mode: str = "bicubic"  # the released pipelines resize with PIL bicubic, antialiased
     antialias: bool = True
     flip: bool = False  # random horizontal flip of each training sample
+    grad_region: str = "prompt"  # pixel prompters: "canvas" takes the gradient norm over the whole canvas (EVP)
+    warmup_divisor: int = 0  # warmup over epochs // warmup_divisor epochs (0: none)
     warmup: str = "linear"  # warmup factor at epoch e < W: "linear" (e + 1) / (W + 1); "pgn" max(e, 1) / W
+    min_lr_ratio: float = 0.0  # the cosine's floor, as a fraction of lr
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Method:
 
     ``kind``: "pixel" (a prompter that composes the input), "tokens" (a generator of prompt tokens
     appended to a ViT's tokens) or "adapter" (a module that runs the backbone with prompts inside).
-    ``build(cfg, backbone)`` returns the trained part of that kind.
+    ``build(cfg, backbone)`` returns the trained part of that kind; ``resolve(cfg)``, if set, fills and
+    checks the method's own config fields before the recipe's defaults are applied.
     """
 
     name: str
@@ -51,6 +56,7 @@ class Method:
     build: Callable[[TrainConfig, FrozenClassifier], nn.Module]
     export: str
     demo: str
+    resolve: Callable[[TrainConfig], None] | None = None
 
 
 def frame_width(cfg: TrainConfig, size: int) -> int:
@@ -116,38 +122,51 @@ def _build_provp(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
     return build_provp_adapter(cfg, backbone)
 
 
+def _resolve_provp(cfg: TrainConfig) -> None:
+    from vpfast.train.provp import resolve
+
+    resolve(cfg)
+
+
 _PIXELS = "nothing: the prompt is already pixels (prompt.png and the shareable prompt)"
 _NO_EXPORT = "nothing: its prompts live inside the backbone and have no pixel form"
 _SGD_40 = Recipe("sgd", 40.0, 0.9)
-_SGD_01 = Recipe("sgd", 0.1, 0.9)
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("evp", "pixel", "EVP: a zero-initialized pixel frame around the shrunk image (Wu et al.)",
-           ("vpfast.prompters", "vpfast.optim"), Recipe("normalized-sgd", 70.0, flip=True), _build_evp, _PIXELS,
-           "EfficientNet-Lite0 on MNIST, NormalizedSGD at lr 20"),
-    Method("pad", "pixel", "Bahng et al.'s pad prompter: an N(0, 1) frame added to the normalized image",
+    Method("evp", "pixel", "EVP, a zero-initialized pixel frame around the shrunk image",
+           ("vpfast.prompters", "vpfast.optim"),
+           Recipe("normalized-sgd", 70.0, flip=True, grad_region="canvas"),
+           _build_evp, _PIXELS, "EfficientNet-Lite0 on MNIST, NormalizedSGD at lr 20"),
+    Method("pad", "pixel", "Bahng et al.'s pad prompter, a frame added to the normalized image",
            ("vpfast.prompters",), _SGD_40, _build_pad, _PIXELS, "EfficientNet-Lite0 on MNIST, SGD at lr 2"),
     Method("patch", "pixel", "Bahng et al.'s random patch prompter", ("vpfast.prompters",), _SGD_40, _build_patch,
            _PIXELS, "not in the demo"),
-    Method("pgn", "tokens", "PGN: a ResNet-10 mixes a token library into input-dependent prompt tokens (ViTs)",
-           ("vpfast.pgn", "vpfast.prompt_tokens", "vpfast.inversion"), Recipe("sgd", 0.1, 0.9, warmup="pgn"),
-           _build_pgn,           "the generator + patch inverse as pixel prompts (vpfast.export)",
+    Method("pgn", "tokens", "PGN, prompt tokens mixed from a library by a ResNet-10 (ViTs)",
+           ("vpfast.pgn", "vpfast.prompt_tokens", "vpfast.inversion"),
+           Recipe("sgd", 0.1, 0.9, warmup_divisor=2, warmup="pgn", min_lr_ratio=0.01),
+           _build_pgn, "the generator + patch inverse as pixel prompts (vpfast.export)",
            "a small ViT on MNIST, 4 tokens from a library of 32, then exported as pixels"),
     # Pro-tuning has no released code: Adam at 1e-3 for its zero-initialized blocks is our choice [NOT VERIFIED]
-    Method("protuning", "adapter", "Pro-tuning: prompt blocks before each backbone stage (CNNs and ViTs)",
+    Method("protuning", "adapter", "Pro-tuning, prompt blocks before each backbone stage",
            ("vpfast.protuning",), Recipe("adam", 1e-3), _build_protuning, _NO_EXPORT,
            "EfficientNet-Lite0 on MNIST, its recipe"),
-    Method("provp", "adapter", "ProVP-Ref: deep prompts blended across layers + feature re-formation loss (ViTs)",
-           ("vpfast.provp", "vpfast.train.provp"), _SGD_01, _build_provp, _NO_EXPORT,
-           "a small ViT on MNIST, 4 prompts per layer, lr 1"),
-    Method("vpt", "adapter", "VPT: deep (or --no-deep: shallow) prompt tokens (ViTs)",
-           ("vpfast.provp", "vpfast.train.provp"), _SGD_01, _build_provp, _NO_EXPORT, "not in the demo"),
+    Method("provp", "adapter", "ProVP-Ref, deep prompts blended across layers (ViTs)",
+           ("vpfast.provp", "vpfast.train.provp"), Recipe("sgd", 0.1, 0.9, weight_decay=5e-4),
+           _build_provp, _NO_EXPORT, "a small ViT on MNIST, 4 prompts per layer, lr 1", _resolve_provp),
+    Method("vpt", "adapter", "VPT, deep or --no-deep shallow prompt tokens (ViTs)",
+           ("vpfast.provp", "vpfast.train.provp"), Recipe("sgd", 0.1, 0.9, weight_decay=1e-4, warmup_divisor=10),
+           _build_provp, _NO_EXPORT, "not in the demo", _resolve_provp),
 )}
 
 
 def names(kind: str | None = None) -> tuple[str, ...]:
     """The registered method names (of one ``kind`` if given), in registration order."""
     return tuple(name for name, m in REGISTRY.items() if kind is None or m.kind == kind)
+
+
+def describe() -> str:
+    """One line per method for ``--help``: name, kind, summary."""
+    return "; ".join(f"{m.name} ({m.kind}): {m.summary}" for m in REGISTRY.values())
 
 
 def get(name: str) -> Method:

@@ -7,7 +7,7 @@ Bahng pad/patch prompters train with SGD lr 40, momentum 0.9 and cosine; PGN (Vi
 and token library with SGD lr 0.1, momentum 0.9, a linear warmup over half the epochs, then cosine to lr/100.
 Pro-tuning has no released code: its prompt blocks train with Adam at lr 1e-3 and cosine, our
 choice, not the paper's [NOT VERIFIED]. ProVP-Ref and VPT train their deep prompts with SGD lr 0.1,
-momentum 0.9 and cosine; the rest of their recipe is in vpfast/train/provp.py.
+momentum 0.9 and cosine; the rest of their recipe is in vpfast/train/provp.py (the record's ``resolve``).
 Every field can be overridden.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 from vpfast import methods
 from vpfast.ops.compose import check_choice
-from vpfast.train import provp
 
 METHODS = methods.names()
 PIXEL_METHODS = methods.names("pixel")  # methods whose prompt is a picture; the others see normalized images
@@ -83,16 +82,21 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the method's recipe filled in and every choice checked."""
         cfg = dataclasses.replace(self)
-        check_choice("method", cfg.method, METHODS)
-        provp.resolve(cfg)
-        recipe = methods.get(cfg.method).recipe
-        for name in ("optimizer", "lr", "momentum", "mode", "antialias", "flip"):
+        method = methods.get(cfg.method)
+        if cfg.shots is not None and (isinstance(cfg.shots, bool) or cfg.shots < 1):
+            raise ValueError(f"shots must be an integer >= 1 (images per class) or None (all), got {cfg.shots!r}")
+        if cfg.base_to_novel and not cfg.model.startswith("open_clip:"):
+            raise ValueError(f"base_to_novel needs an open_clip model (its zero-shot head scores the unseen novel "
+                             f"classes), got model {cfg.model!r}")
+        if method.resolve is not None:
+            method.resolve(cfg)
+        recipe = method.recipe
+        for name in ("optimizer", "lr", "momentum", "weight_decay", "mode", "antialias", "flip", "grad_region",
+                     "min_lr_ratio"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(recipe, name))
-        cfg.grad_region = cfg.grad_region or ("canvas" if cfg.method == "evp" else "prompt")
-        pgn = cfg.method == "pgn"
-        cfg.warmup_epochs = (cfg.epochs // 2 if pgn else 0) if cfg.warmup_epochs is None else cfg.warmup_epochs
-        cfg.min_lr_ratio = (0.01 if pgn else 0.0) if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = cfg.epochs // recipe.warmup_divisor if recipe.warmup_divisor else 0
         if not 0 <= cfg.warmup_epochs < cfg.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {cfg.epochs}), got {cfg.warmup_epochs}")
         check_choice("optimizer", cfg.optimizer, OPTIMIZERS)

@@ -1,10 +1,11 @@
-"""``vpfast train --method provp|vpt``: the recipe defaults, their checks, and the adapter built from a TrainConfig.
+"""``vpfast train --method provp|vpt``: their own config fields, checks, and the adapter built from a TrainConfig.
 
 ProVP-Ref (docs/methods.md): M = 16 prompts in every layer blended with alpha = 0.01, re-formation
 loss weight 1.0 at temperature 1.0, SGD lr 0.1, momentum 0.9, cosine, weight decay 5e-4, one warmup epoch
-(the released code warms up at a constant 1e-5; here the linear warmup starts at lr / 2). VPT (section 5):
-the same prompts with alpha = 0 (deep) or layer 0 only (``--no-deep``), no re-formation loss, weight decay
-1e-4, a linear warmup over the first tenth of the epochs. Batch size and epochs are left to the command line
+(the released code warms up at a constant 1e-5; here the linear warmup starts at lr / 2). VPT: the same
+prompts with alpha = 0 (deep) or layer 0 only (``--no-deep``), no re-formation loss, weight decay 1e-4, a
+linear warmup over the first tenth of the epochs. The optimizer, lr, weight decay and VPT's warmup are in
+their records' recipes (vpfast/methods.py). Batch size and epochs are left to the command line
 (published: ProVP batch 32, 200 epochs at 8/16 shots, 100 base-to-novel; VPT batch 128, 100 epochs).
 """
 
@@ -18,26 +19,14 @@ from vpfast.provp import ProVP, ProVPClassifier
 if TYPE_CHECKING:
     from vpfast.train.config import TrainConfig
 
-PROVP_METHODS = ("provp", "vpt")
-WEIGHT_DECAY = {"provp": 5e-4, "vpt": 1e-4}
-
 
 def resolve(cfg: TrainConfig) -> None:
-    """Fill ProVP/VPT defaults into a config (in place; weight decay for every method: 0 unless ProVP/VPT) and
-    check them and the protocol fields (``shots``, ``base_to_novel``). Runs before the generic defaults."""
-    if cfg.shots is not None and (isinstance(cfg.shots, bool) or cfg.shots < 1):
-        raise ValueError(f"shots must be an integer >= 1 (images per class) or None (all), got {cfg.shots!r}")
-    if cfg.base_to_novel and not cfg.model.startswith("open_clip:"):
-        raise ValueError(f"base_to_novel needs an open_clip model (its zero-shot head scores the unseen novel "
-                         f"classes), got model {cfg.model!r}")
-    cfg.weight_decay = WEIGHT_DECAY.get(cfg.method, 0.0) if cfg.weight_decay is None else cfg.weight_decay
-    if cfg.method not in PROVP_METHODS:
-        return
+    """Fill and check ProVP's and VPT's own fields in a config (in place); runs before the recipe's defaults."""
     provp = cfg.method == "provp"
     cfg.alpha = (0.01 if provp else 0.0) if cfg.alpha is None else cfg.alpha
     cfg.ref_weight = (1.0 if provp else 0.0) if cfg.ref_weight is None else cfg.ref_weight
-    if cfg.warmup_epochs is None:
-        cfg.warmup_epochs = min(1, cfg.epochs - 1) if provp else cfg.epochs // 10
+    if cfg.warmup_epochs is None and provp:
+        cfg.warmup_epochs = min(1, cfg.epochs - 1)
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1] (0.01: ProVP, 0: VPT-deep), got {cfg.alpha}")
     if not provp and (cfg.alpha != 0 or cfg.ref_weight != 0):
