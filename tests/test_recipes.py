@@ -12,7 +12,16 @@ from torch import nn
 
 from compose_cases import rel_err
 from vpfast.optim import NormalizedSGD, cosine_per_epoch
-from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter
+from vpfast.prompters import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EVP_OPTIONS,
+    Diversity,
+    EVPrompter,
+    PadPrompter,
+    PatchPrompter,
+    PrompterOptions,
+)
 from vpfast.train.build import build_optimizer, build_prompter
 from vpfast.train.config import TrainConfig
 
@@ -178,3 +187,20 @@ def test_the_command_line_reads_the_registry_and_leaves_recipe_fields_to_the_rec
     shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
     for method in methods.REGISTRY.values():
         assert "".join(f"{method.name} ({method.kind}): {method.summary}".split()) in shown
+
+
+def test_one_options_object_is_shared_by_the_prompters():
+    options = PrompterOptions(mode="bicubic", antialias=True, grad_norm="sample_l2", seed=4, mean=None, std=None)
+    made = [EVPrompter(image_size=S, pad=PAD, options=options), PadPrompter(image_size=S, pad=PAD, options=options),
+            PatchPrompter(image_size=S, patch=5, options=options)]
+    assert all(p.options == options and p.mode == "bicubic" and p.grad_norm == "sample_l2" and p.mean is None
+               for p in made)
+    assert EVPrompter().options == EVP_OPTIONS and PadPrompter().options == PrompterOptions()
+    overridden = EVPrompter(image_size=S, pad=PAD, options=options, mode="bilinear", seed=9)  # keywords win
+    assert overridden.options == PrompterOptions(mode="bilinear", antialias=True, grad_norm="sample_l2", seed=9,
+                                                 mean=None, std=None)
+    with pytest.raises(ValueError, match=r"unknown prompter option\(s\) \['bogus'\]: expected fields of "
+                                         r"PrompterOptions \('mean', 'std', 'mode'"):
+        EVPrompter(bogus=1)
+    with pytest.raises(ValueError, match=r"options must be a vpfast.prompters.PrompterOptions, got \{'mode'"):
+        PadPrompter(options={"mode": "bicubic"})

@@ -11,7 +11,15 @@ from vpfast.optim import NormalizedSGD, cosine_per_epoch  # noqa: E402
 from vpfast.pgn import PGN  # noqa: E402
 from vpfast.pretrained import from_hub, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from vpfast.prompt_tokens import PromptedViT  # noqa: E402
-from vpfast.prompters import CLIP_MEAN, CLIP_STD, Diversity, EVPrompter, PadPrompter, PatchPrompter  # noqa: E402
+from vpfast.prompters import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    Diversity,
+    EVPrompter,
+    PadPrompter,
+    PatchPrompter,
+    PrompterOptions,
+)
 from vpfast.protuning import ProTuning  # noqa: E402
 from vpfast.provp import ProVP  # noqa: E402
 
@@ -24,6 +32,7 @@ __all__ = [
     "PGN",
     "PadPrompter",
     "PatchPrompter",
+    "PrompterOptions",
     "ProTuning",
     "ProVP",
     "PromptedViT",

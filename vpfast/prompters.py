@@ -13,7 +13,7 @@ Methods: docs/methods.md (EVP, Bahng prompters); the op: docs/ops.md (compose).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,6 +99,43 @@ class Diversity:
 EVP_FLIP = Diversity(p=0.0, flip=True)  # EVP's augmentation: a random horizontal flip, nothing else
 
 
+@dataclass(frozen=True)
+class PrompterOptions:
+    """What every pixel prompter takes besides its geometry, declared once.
+
+    ``mean``/``std``: the normalization (None: none); ``mode``/``antialias``: the resize of the images to
+    the inner size; ``diversity``: the training-time per-sample transform; ``grad_region``/``grad_norm``:
+    the prompt gradient (see ``vpfast.ops.compose``); ``out_dtype``: the output dtype (None: float32);
+    ``seed``: the prompter's generator. A prompter takes an ``options`` object and/or any of these as
+    keyword arguments, which override the object's fields.
+    """
+
+    mean: Sequence[float] | None = CLIP_MEAN
+    std: Sequence[float] | None = CLIP_STD
+    mode: str = "bilinear"
+    antialias: bool = False
+    diversity: Diversity | None = None
+    grad_region: str = "prompt"
+    grad_norm: str | None = None
+    out_dtype: torch.dtype | None = None
+    seed: int = 0
+
+
+def _options(options: PrompterOptions, overrides: dict[str, Any]) -> PrompterOptions:
+    """``options`` with ``overrides`` (a prompter's keyword arguments) applied; anything else is refused."""
+    if not isinstance(options, PrompterOptions):
+        raise ValueError(f"options must be a vpfast.prompters.PrompterOptions, got {options!r}")
+    names = tuple(f.name for f in fields(PrompterOptions))
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown prompter option(s) {unknown}: expected fields of PrompterOptions {names}")
+    return replace(options, **overrides)
+
+
+# The released EVP recipe: bicubic antialiased resize, random flip, gradient norm over the whole canvas.
+EVP_OPTIONS = PrompterOptions(mode="bicubic", antialias=True, diversity=EVP_FLIP, grad_region="canvas")
+
+
 class _Prompter(nn.Module):
     """What every pixel prompter shares: configuration, buffers, the generator, forward and preview.
 
@@ -108,10 +145,10 @@ class _Prompter(nn.Module):
 
     prompt: nn.Parameter
 
-    def __init__(self, image_size: int, inner_size: int, prompt_space: str, mean: Sequence[float] | None,
-                 std: Sequence[float] | None, mode: str, antialias: bool, diversity: Diversity | None,
-                 grad_region: str, grad_norm: str | None, out_dtype: torch.dtype | None, seed: int) -> None:
+    def __init__(self, image_size: int, inner_size: int, prompt_space: str, options: PrompterOptions) -> None:
         super().__init__()
+        mode, diversity, grad_region = options.mode, options.diversity, options.grad_region
+        grad_norm, out_dtype = options.grad_norm, options.out_dtype
         check_choice("mode", mode, MODES)
         check_choice("grad_region", grad_region, GRAD_REGIONS)
         check_choice("grad_norm", grad_norm, GRAD_NORMS)
@@ -121,13 +158,14 @@ class _Prompter(nn.Module):
             if not isinstance(diversity, Diversity):
                 raise ValueError(f"diversity must be a vpfast.prompters.Diversity or None, got {diversity!r}")
             diversity.size_range(image_size)
+        self.options = options
         self.image_size, self.inner_size, self.prompt_space = image_size, inner_size, prompt_space
-        self.mode, self.antialias, self.diversity = mode, bool(antialias), diversity
+        self.mode, self.antialias, self.diversity = mode, bool(options.antialias), diversity
         self.grad_region, self.grad_norm, self.out_dtype = grad_region, grad_norm, out_dtype
         # Derived from the arguments, so not saved: a checkpoint holds the prompt and the generator.
-        self.register_buffer("mean", _channel_buffer("mean", mean), persistent=False)
-        self.register_buffer("std", _channel_buffer("std", std, nonzero=True), persistent=False)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("mean", _channel_buffer("mean", options.mean), persistent=False)
+        self.register_buffer("std", _channel_buffer("std", options.std, nonzero=True), persistent=False)
+        self.generator = torch.Generator().manual_seed(options.seed)
 
     def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -191,11 +229,11 @@ class _FramePrompter(_Prompter):
     """A frame of width ``pad`` on the S x S canvas: a (3, S, S) prompt and an (S, S) mask buffer."""
 
     def __init__(self, image_size: int, pad: int, inner_size: int, prompt_space: str, normal_init: bool,
-                 **options: Any) -> None:
+                 options: PrompterOptions) -> None:
         _check_int("image_size", image_size, 1)
         _check_int("pad", pad, 0, (image_size - 1) // 2,
                    f" so that the inner square image_size - 2 * pad is at least 1 (image_size = {image_size})")
-        super().__init__(image_size, inner_size, prompt_space, **options)
+        super().__init__(image_size, inner_size, prompt_space, options)
         mask = torch.ones(image_size, image_size)
         mask[pad:image_size - pad, pad:image_size - pad] = 0
         self.register_buffer("mask", mask, persistent=False)
@@ -225,13 +263,9 @@ class EVPrompter(_FramePrompter):
     69,840 trainable values at the defaults.
     """
 
-    def __init__(self, image_size: int = 224, pad: int = 30, mean: Sequence[float] | None = CLIP_MEAN,
-                 std: Sequence[float] | None = CLIP_STD, mode: str = "bicubic", antialias: bool = True,
-                 diversity: Diversity | None = EVP_FLIP, grad_region: str = "canvas", grad_norm: str | None = None,
-                 out_dtype: torch.dtype | None = None, seed: int = 0) -> None:
-        super().__init__(image_size, pad, image_size - 2 * pad, "pixel", False, mean=mean, std=std, mode=mode,
-                         antialias=antialias, diversity=diversity, grad_region=grad_region, grad_norm=grad_norm,
-                         out_dtype=out_dtype, seed=seed)
+    def __init__(self, image_size: int = 224, pad: int = 30, options: PrompterOptions = EVP_OPTIONS,
+                 **overrides: Any) -> None:
+        super().__init__(image_size, pad, image_size - 2 * pad, "pixel", False, _options(options, overrides))
 
 
 class PadPrompter(_FramePrompter):
@@ -241,13 +275,9 @@ class PadPrompter(_FramePrompter):
     space (after mean/std), as the released code adds it to the CLIP-preprocessed image.
     """
 
-    def __init__(self, image_size: int = 224, pad: int = 30, mean: Sequence[float] | None = CLIP_MEAN,
-                 std: Sequence[float] | None = CLIP_STD, mode: str = "bilinear", antialias: bool = False,
-                 diversity: Diversity | None = None, grad_region: str = "prompt", grad_norm: str | None = None,
-                 out_dtype: torch.dtype | None = None, seed: int = 0) -> None:
-        super().__init__(image_size, pad, image_size, "normalized", True, mean=mean, std=std, mode=mode,
-                         antialias=antialias, diversity=diversity, grad_region=grad_region, grad_norm=grad_norm,
-                         out_dtype=out_dtype, seed=seed)
+    def __init__(self, image_size: int = 224, pad: int = 30, options: PrompterOptions = PrompterOptions(),
+                 **overrides: Any) -> None:
+        super().__init__(image_size, pad, image_size, "normalized", True, _options(options, overrides))
 
 
 class PatchPrompter(_Prompter):
@@ -263,15 +293,10 @@ class PatchPrompter(_Prompter):
     """
 
     def __init__(self, image_size: int = 224, patch: int = 30, random: bool = False,
-                 mean: Sequence[float] | None = CLIP_MEAN, std: Sequence[float] | None = CLIP_STD,
-                 mode: str = "bilinear", antialias: bool = False, diversity: Diversity | None = None,
-                 grad_region: str = "prompt", grad_norm: str | None = None, out_dtype: torch.dtype | None = None,
-                 seed: int = 0) -> None:
+                 options: PrompterOptions = PrompterOptions(), **overrides: Any) -> None:
         _check_int("image_size", image_size, 1)
         _check_int("patch", patch, 1, image_size, " (the canvas size image_size)")
-        super().__init__(image_size, image_size, "normalized", mean=mean, std=std, mode=mode, antialias=antialias,
-                         diversity=diversity, grad_region=grad_region, grad_norm=grad_norm, out_dtype=out_dtype,
-                         seed=seed)
+        super().__init__(image_size, image_size, "normalized", _options(options, overrides))
         self.patch, self.random = patch, bool(random)
         self._num_trainable = 3 * patch * patch
         self.prompt = nn.Parameter(torch.randn(3, patch, patch, generator=self.generator))
