@@ -39,7 +39,8 @@ def _modules() -> dict[str, tuple[str, torch.nn.Module]]:
         "evp": ("evp", _randomized(EVPrompter(image_size=S, pad=4, seed=3))),
         "pad": ("pad", _randomized(PadPrompter(image_size=S, pad=3, mode="bilinear", antialias=False,
                                                diversity=Diversity(p=0.5), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4)))),
-        "patch": ("patch", _randomized(PatchPrompter(image_size=S, patch=5, random=True, seed=7))),
+        "patch": ("patch", _randomized(PatchPrompter(image_size=S, patch=5, random=True, seed=7,
+                                                     out_dtype=torch.bfloat16))),
         "pgn": ("pgn", _randomized(PGN(num_prompts=3, library_size=8, dim=16, input_size=24, tau=0.5))),
     }
 
@@ -154,11 +155,13 @@ def test_bad_files_are_refused(tmp_path):
         from_pretrained(tmp_path)
     (tmp_path / CARD).write_text(json.dumps(card))
     save_file({"module.prompt": torch.zeros(3, S, S)}, str(tmp_path / TENSORS))
-    with pytest.raises(ValueError, match=r"does not fit the card's EVPrompter: unexpected keys \[\], missing keys "
+    with pytest.raises(ValueError, match=r"does not fit the card's evp settings: unexpected keys \[\], missing keys "
                                          r"\['_extra_state'\]"):
         from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"save_pretrained saves a vpfast prompter, PGN, .*got Linear"):
+    with pytest.raises(ValueError, match=r"a pixel prompt is a EVPrompter or PadPrompter or PatchPrompter, got Linear"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x", method="evp")
+    with pytest.raises(ValueError, match=r"a pgn prompt is a PGN, got EVPrompter"):
+        save_pretrained(EVPrompter(image_size=S, pad=4), tmp_path / "x", method="pgn")
 
 
 @pytest.mark.parametrize("method, extra", [("evp", {}), ("pgn", dict(num_prompts=2, library_size=8))])

@@ -11,7 +11,7 @@ Hub. Pixel prompters and PGN load standalone; methods that prompt inside the bac
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,10 @@ from torch import nn
 
 from vpfast import methods
 from vpfast.backbones.label_mapping import FirstK, FrequencyMapping
-from vpfast.pgn import PGN
-from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
-from vpfast.protuning import ProTuningAdapter
-from vpfast.provp import ProVP, ProVPClassifier
 from vpfast.version import __version__
 
 FORMAT = "vpfast-prompt-1"
 CARD, TENSORS = "vpfast.json", "prompt.safetensors"
-PROMPTERS = {"EVPrompter": EVPrompter, "PadPrompter": PadPrompter, "PatchPrompter": PatchPrompter}
-DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
 @dataclass
@@ -57,38 +51,12 @@ class Pretrained:
         return PromptedClassifier(normalizer, backbone, self.mapping, **parts).eval()
 
 
-def _prompter_settings(module: nn.Module) -> dict:
-    settings = {"image_size": module.image_size, "mode": module.mode, "antialias": module.antialias,
-                "mean": None if module.mean is None else module.mean.tolist(),
-                "std": None if module.std is None else module.std.tolist(),
-                "diversity": None if module.diversity is None else asdict(module.diversity),
-                "grad_region": module.grad_region, "grad_norm": module.grad_norm,
-                "out_dtype": None if module.out_dtype is None else str(module.out_dtype)}
-    if isinstance(module, PatchPrompter):
-        settings.update(patch=module.patch, random=module.random)
-    else:
-        settings["pad"] = module.pad
-    return settings
-
-
-def _describe(module: nn.Module) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(class name, constructor settings, tensors to save) of a trained part."""
-    if type(module).__name__ in PROMPTERS and isinstance(module, tuple(PROMPTERS.values())):
-        return type(module).__name__, _prompter_settings(module), module.state_dict()
-    if isinstance(module, PGN):
-        settings = {"num_prompts": module.num_prompts, "library_size": module.library_size, "dim": module.dim,
-                    "generator": module.generator, "input_size": module.input_size, **module.mix_options}
-        return "PGN", settings, module.state_dict()
-    trained = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    if isinstance(module, ProVPClassifier):
-        provp = module.provp
-        settings = {"num_prompts": provp.num_prompts, "alpha": provp.alpha, "deep": provp.deep,
-                    "ref_weight": module.ref_weight, "ref_temperature": module.ref_temperature}
-        return "ProVPClassifier", settings, trained
-    if isinstance(module, ProTuningAdapter):
-        return "ProTuningAdapter", {"ratio": module.ratio, "vit_stages": module.vit_stages}, trained
-    raise ValueError(f"save_pretrained saves a vpfast prompter, PGN, ProVPClassifier or ProTuningAdapter, "
-                     f"got {type(module).__name__}")
+def _trained_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """What a shareable prompt saves: the whole state of a prompter or generator (its generator state and BN
+    statistics too), only the trained parameters of an adapter (its frozen backbone is the user's)."""
+    if kind != "adapter":
+        return module.state_dict()
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
 def _describe_mapping(mapping: nn.Module | None) -> dict | None:
@@ -111,17 +79,18 @@ def save_pretrained(module: nn.Module, directory: str | Path, *, method: str, ma
     and ``metrics`` go into the card as given.
     """
     record = methods.get(method)
-    name, settings, tensors = _describe(module)
-    out = {f"module.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+    settings = record.settings(module)
+    out = {f"module.{k}": v.detach().cpu().contiguous() for k, v in _trained_tensors(module, record.kind).items()}
     if isinstance(mapping, FrequencyMapping):
         out["mapping.mapping"] = mapping.mapping.detach().cpu().contiguous()
     pixel = record.kind == "pixel"
+    options = settings["options"] if pixel else {}
     card = {"format": FORMAT, "vpfast_version": __version__, "method": method, "kind": record.kind,
-            "module": {"class": name, "settings": settings},
+            "settings": settings,
             "canvas_size": settings["image_size"] if pixel else None,
-            "inner_size": getattr(module, "inner_size", None),
-            "mean": settings["mean"] if pixel else None, "std": settings["std"] if pixel else None,
-            "resize": {"mode": settings["mode"], "antialias": settings["antialias"]} if pixel else None,
+            "inner_size": module.inner_size if pixel else None,
+            "mean": options.get("mean"), "std": options.get("std"),
+            "resize": {"mode": options["mode"], "antialias": options["antialias"]} if pixel else None,
             "backbone": backbone, "class_names": class_names, "label_mapping": _describe_mapping(mapping),
             "metrics": metrics or {}}
     return _write(directory, card, out)
@@ -150,27 +119,6 @@ def save_run(directory: str | Path, model: nn.Module, cfg: Any, class_names: lis
     return directory
 
 
-def _build(card: dict, backbone: nn.Module | None) -> nn.Module:
-    name, settings = card["module"]["class"], dict(card["module"]["settings"])
-    if name in PROMPTERS:
-        if settings["diversity"] is not None:
-            settings["diversity"] = Diversity(**settings["diversity"])
-        if settings["out_dtype"] is not None:
-            settings["out_dtype"] = DTYPES[settings["out_dtype"]]
-        return PROMPTERS[name](**settings)
-    if name == "PGN":
-        return PGN(**settings)
-    if backbone is None:
-        raise ValueError(f"a {card['method']} prompt lives inside its backbone: pass backbone= (the frozen "
-                         f"{(card.get('backbone') or {}).get('model', 'model')} it was trained for)")
-    if name == "ProVPClassifier":
-        provp = ProVP(backbone, num_prompts=settings["num_prompts"], alpha=settings["alpha"], deep=settings["deep"])
-        return ProVPClassifier(provp, ref_weight=settings["ref_weight"], ref_temperature=settings["ref_temperature"])
-    if name == "ProTuningAdapter":
-        return ProTuningAdapter(backbone, **settings)
-    raise ValueError(f"unknown module class {name!r} in the card")
-
-
 def from_pretrained(directory: str | Path, backbone: nn.Module | None = None) -> Pretrained:
     """Load a shareable prompt that ``save_pretrained`` (or ``vpfast train``, ``<out>/pretrained``) wrote.
 
@@ -179,11 +127,14 @@ def from_pretrained(directory: str | Path, backbone: nn.Module | None = None) ->
     """
     card = read_card(directory)
     tensors = load_file(str(Path(directory) / TENSORS))
-    module = _build(card, backbone)
+    if card["kind"] == "adapter" and backbone is None:
+        raise ValueError(f"a {card['method']} prompt lives inside its backbone: pass backbone= (the frozen "
+                         f"{(card.get('backbone') or {}).get('model', 'model')} it was trained for)")
+    module = methods.get(card["method"]).rebuild(card["settings"], backbone)
     state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-    expected = set(_describe(module)[2])
+    expected = set(_trained_tensors(module, card["kind"]))
     if set(state) != expected:
-        raise ValueError(f"{Path(directory) / TENSORS} does not fit the card's {card['module']['class']}: "
+        raise ValueError(f"{Path(directory) / TENSORS} does not fit the card's {card['method']} settings: "
                          f"unexpected keys {sorted(set(state) - expected)[:5]}, missing keys "
                          f"{sorted(expected - set(state))[:5]}")
     module.load_state_dict(state, strict=card["kind"] != "adapter")  # an adapter's backbone is not in the file
