@@ -225,3 +225,24 @@ def test_hub_push_and_pull_through_a_local_folder(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(loaded.module(images), evp.eval()(images))
     assert [c[0] for c in calls] == ["create", "upload", "download"] and calls[2][2] == "main"
+
+
+def test_a_generator_saved_by_hand_says_how_its_input_was_prepared(tmp_path):
+    pgn = _randomized(PGN(num_prompts=2, library_size=4, dim=48, input_size=None))
+    save_pretrained(pgn, tmp_path / "bare", method="pgn")
+    with pytest.raises(ValueError, match=r"does not say how the images were normalized and resized"):
+        from_pretrained(tmp_path / "bare").classifier(_tiny_vit_backbone())
+    preprocessing = {"canvas_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "mode": "bilinear", "antialias": False}
+    save_pretrained(pgn, tmp_path / "full", method="pgn", preprocessing=preprocessing)
+    card = json.loads((tmp_path / "full" / CARD).read_text())
+    assert (card["canvas_size"], card["mean"], card["resize"]) == (32, [0.5] * 3, {"mode": "bilinear",
+                                                                                   "antialias": False})
+    from vpfast.prompt_tokens import PromptedViT
+
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    backbone = _tiny_vit_backbone()
+    normalized = (images.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        logits = from_pretrained(tmp_path / "full").classifier(backbone)(images)
+        expected = PromptedViT(backbone)(normalized, pgn.eval()(normalized))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

@@ -45,6 +45,9 @@ class Pretrained:
         if kind == "pixel":
             return PromptedClassifier(self.module, backbone, self.mapping).eval()
         resize = self.card["resize"]
+        if resize is None:
+            raise ValueError("this card does not say how the images were normalized and resized (save_pretrained "
+                             "was called without preprocessing=): build the classifier by hand")
         normalizer = Normalizer(self.card["canvas_size"], self.card["mean"], self.card["std"], resize["mode"],
                                 resize["antialias"])
         parts = {"tokens": self.module} if kind == "tokens" else {"adapter": self.module}
@@ -71,26 +74,30 @@ def _describe_mapping(mapping: nn.Module | None) -> dict | None:
 
 def save_pretrained(module: nn.Module, directory: str | Path, *, method: str, mapping: nn.Module | None = None,
                     backbone: dict | None = None, class_names: list[str] | None = None,
-                    metrics: dict | None = None) -> Path:
+                    metrics: dict | None = None, preprocessing: dict | None = None) -> Path:
     """Write ``module`` (a method's trained part) as a shareable prompt in ``directory``; returns the directory.
 
     ``method``: its registry name (``vpfast.methods``); ``mapping``: the label mapping trained with it;
     ``backbone``: {"model": name, "pretrained": tag} of the frozen model it was trained for; ``class_names``
-    and ``metrics`` go into the card as given.
+    and ``metrics`` go into the card as given. ``preprocessing``: for methods that are not pixel prompters,
+    how the images were prepared, {"canvas_size", "mean", "std", "mode", "antialias"} (a prompter carries its
+    own).
     """
     record = methods.get(method)
     settings = record.settings(module)
     out = {f"module.{k}": v.detach().cpu().contiguous() for k, v in _trained_tensors(module, record.kind).items()}
     if isinstance(mapping, FrequencyMapping):
         out["mapping.mapping"] = mapping.mapping.detach().cpu().contiguous()
-    pixel = record.kind == "pixel"
-    options = settings["options"] if pixel else {}
+    if record.kind == "pixel":
+        options = settings["options"]
+        preprocessing = {"canvas_size": settings["image_size"], "mean": options["mean"], "std": options["std"],
+                         "mode": options["mode"], "antialias": options["antialias"]}
+    preprocessing = preprocessing or {}
+    resize = {"mode": preprocessing["mode"], "antialias": preprocessing["antialias"]} if preprocessing else None
     card = {"format": FORMAT, "vpfast_version": __version__, "method": method, "kind": record.kind,
-            "settings": settings,
-            "canvas_size": settings["image_size"] if pixel else None,
-            "inner_size": module.inner_size if pixel else None,
-            "mean": options.get("mean"), "std": options.get("std"),
-            "resize": {"mode": options["mode"], "antialias": options["antialias"]} if pixel else None,
+            "settings": settings, "canvas_size": preprocessing.get("canvas_size"),
+            "inner_size": module.inner_size if record.kind == "pixel" else None,
+            "mean": preprocessing.get("mean"), "std": preprocessing.get("std"), "resize": resize,
             "backbone": backbone, "class_names": class_names, "label_mapping": _describe_mapping(mapping),
             "metrics": metrics or {}}
     return _write(directory, card, out)
@@ -108,15 +115,13 @@ def save_run(directory: str | Path, model: nn.Module, cfg: Any, class_names: lis
     """The shareable prompt of a ``vpfast train`` run's ``PromptedClassifier`` and resolved ``TrainConfig``."""
     from vpfast.train.build import Normalizer
 
-    directory = save_pretrained(model.trained, directory, method=cfg.method, mapping=model.mapping,
-                                backbone={"model": cfg.model, "pretrained": cfg.pretrained},
-                                class_names=class_names, metrics=metrics)
-    if isinstance(model.prompter, Normalizer):  # the plain input the generator or adapter was trained on
-        card = json.loads((directory / CARD).read_text())
-        card.update(canvas_size=model.prompter.size, mean=model.prompter.mean.tolist(), std=model.prompter.std.tolist(),
-                    resize={"mode": model.prompter.mode, "antialias": model.prompter.antialias})
-        (directory / CARD).write_text(json.dumps(card, indent=1) + "\n")
-    return directory
+    prompter, preprocessing = model.prompter, None
+    if isinstance(prompter, Normalizer):  # the plain input the generator or adapter was trained on
+        preprocessing = {"canvas_size": prompter.size, "mean": prompter.mean.tolist(), "std": prompter.std.tolist(),
+                 "mode": prompter.mode, "antialias": prompter.antialias}
+    return save_pretrained(model.trained, directory, method=cfg.method, mapping=model.mapping,
+                           backbone={"model": cfg.model, "pretrained": cfg.pretrained}, class_names=class_names,
+                           metrics=metrics, preprocessing=preprocessing)
 
 
 def from_pretrained(directory: str | Path, backbone: nn.Module | None = None) -> Pretrained:
