@@ -147,21 +147,19 @@ class _Prompter(nn.Module):
 
     def __init__(self, image_size: int, inner_size: int, prompt_space: str, options: PrompterOptions) -> None:
         super().__init__()
-        mode, diversity, grad_region = options.mode, options.diversity, options.grad_region
-        grad_norm, out_dtype = options.grad_norm, options.out_dtype
-        check_choice("mode", mode, MODES)
-        check_choice("grad_region", grad_region, GRAD_REGIONS)
-        check_choice("grad_norm", grad_norm, GRAD_NORMS)
-        if out_dtype is not None:
-            check_choice("out_dtype", out_dtype, OUT_DTYPES)
-        if diversity is not None:
-            if not isinstance(diversity, Diversity):
-                raise ValueError(f"diversity must be a vpfast.prompters.Diversity or None, got {diversity!r}")
-            diversity.size_range(image_size)
+        check_choice("mode", options.mode, MODES)
+        check_choice("grad_region", options.grad_region, GRAD_REGIONS)
+        check_choice("grad_norm", options.grad_norm, GRAD_NORMS)
+        if options.out_dtype is not None:
+            check_choice("out_dtype", options.out_dtype, OUT_DTYPES)
+        if options.diversity is not None:
+            if not isinstance(options.diversity, Diversity):
+                raise ValueError(f"diversity must be a vpfast.prompters.Diversity or None, got {options.diversity!r}")
+            options.diversity.size_range(image_size)
         self.options = options
         self.image_size, self.inner_size, self.prompt_space = image_size, inner_size, prompt_space
-        self.mode, self.antialias, self.diversity = mode, bool(options.antialias), diversity
-        self.grad_region, self.grad_norm, self.out_dtype = grad_region, grad_norm, out_dtype
+        self.mode, self.antialias, self.diversity = options.mode, bool(options.antialias), options.diversity
+        self.grad_region, self.grad_norm, self.out_dtype = options.grad_region, options.grad_norm, options.out_dtype
         # Derived from the arguments, so not saved: a checkpoint holds the prompt and the generator.
         self.register_buffer("mean", _channel_buffer("mean", options.mean), persistent=False)
         self.register_buffer("std", _channel_buffer("std", options.std, nonzero=True), persistent=False)
