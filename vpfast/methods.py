@@ -63,9 +63,9 @@ class Method:
     resolve: Callable[[TrainConfig], None] | None = None
 
 
-def frame_width(cfg: TrainConfig, size: int) -> int:
-    """``cfg.pad`` or the released 30 / 224 of the canvas."""
-    return cfg.pad or max(1, round(REFERENCE_PAD * size / REFERENCE_SIZE))
+def scaled_width(value: int | None, size: int) -> int:
+    """``value`` (a frame width or patch side) if given, else the released 30 / 224 of a ``size`` canvas."""
+    return value or max(1, round(REFERENCE_PAD * size / REFERENCE_SIZE))
 
 
 def _prompter_options(cfg: TrainConfig, backbone: FrozenClassifier) -> dict:
@@ -81,23 +81,21 @@ def _build_evp(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
     from vpfast.prompters import EVPrompter
 
     options = _prompter_options(cfg, backbone)
-    return EVPrompter(pad=frame_width(cfg, options["image_size"]), **options)
+    return EVPrompter(pad=scaled_width(cfg.pad, options["image_size"]), **options)
 
 
 def _build_pad(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
     from vpfast.prompters import PadPrompter
 
     options = _prompter_options(cfg, backbone)
-    return PadPrompter(pad=frame_width(cfg, options["image_size"]), **options)
+    return PadPrompter(pad=scaled_width(cfg.pad, options["image_size"]), **options)
 
 
 def _build_patch(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
     from vpfast.prompters import PatchPrompter
 
     options = _prompter_options(cfg, backbone)
-    size = options["image_size"]
-    return PatchPrompter(patch=cfg.patch or max(1, round(REFERENCE_PAD * size / REFERENCE_SIZE)), random=True,
-                         **options)
+    return PatchPrompter(patch=scaled_width(cfg.patch, options["image_size"]), random=True, **options)
 
 
 def _build_pgn(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
