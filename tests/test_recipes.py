@@ -144,6 +144,8 @@ def test_recipe_fields_can_be_overridden():
     assert (prompter.image_size, prompter.pad) == (96, 13)  # 30 / 224 of the canvas
     pad = build_prompter(TrainConfig(method="pad").resolved(), _backbone())
     assert (pad.mode, pad.antialias, pad.diversity) == ("bicubic", True, None)  # Bahng: CLIP's test preprocessing
+    patch = build_prompter(TrainConfig(method="patch").resolved(), _backbone(112))
+    assert (patch.patch, patch.random, patch.mode) == (15, True, "bicubic")
     with pytest.raises(ValueError, match=r"mode must be one of \('bilinear', 'bicubic'\), got 'nearest'"):
         TrainConfig(mode="nearest").resolved()
 
