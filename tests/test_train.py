@@ -50,7 +50,8 @@ def test_resume_continues_exactly(tmp_path):
     steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == list(range(1, 9))  # no step logged twice after the resume
-    for name in ("prompt.png", "training.png", "results.json", "best/prompt.safetensors", "last/trainer.json", "last/trainer.safetensors"):
+    for name in ("prompt.png", "training.png", "results.json", "best/prompt.safetensors", "last/trainer.json",
+                 "last/trainer.safetensors"):
         assert (tmp_path / "b" / name).exists(), name
 
 
