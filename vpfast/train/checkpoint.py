@@ -187,7 +187,10 @@ def load_trainer_state(directory: str | Path) -> dict:
         raise FileNotFoundError(f"{found / TRAINER_JSON} is missing: this checkpoint holds a prompt only, "
                                 f"it cannot resume training")
     tensors = _load_safetensors(found / TRAINER_TENSORS, Path(directory))
-    return decode(json.loads((found / TRAINER_JSON).read_text()), tensors)
+    try:
+        return decode(json.loads((found / TRAINER_JSON).read_text()), tensors)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpoint(f"cannot read {found / TRAINER_JSON}: {exc}{_other(Path(directory))}") from exc
 
 
 def encode(value, tensors: dict[str, torch.Tensor] | None = None, path: str = "state"):
@@ -221,7 +224,8 @@ def decode(data, tensors: dict[str, torch.Tensor]):
     (kind, payload), = data.items()
     if kind == "tensor" and payload in tensors:
         return tensors[payload]
-    if kind == "dict" and isinstance(payload, list):
+    if kind == "dict" and isinstance(payload, list) and all(
+            isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int)) for item in payload):
         return {k: decode(v, tensors) for k, v in payload}
     if kind in ("list", "tuple") and isinstance(payload, list):
         items = [decode(v, tensors) for v in payload]

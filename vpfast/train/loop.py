@@ -168,18 +168,18 @@ class _Stop(Exception):
 
 
 def _batch_loss(ddp: torch.nn.Module, model: PromptedClassifier, images: torch.Tensor, labels: torch.Tensor,
-                columns: slice, global_n: int, world: int) -> torch.Tensor:
+                columns: slice, global_n: int, world: int, stand_in: bool = False) -> torch.Tensor:
     """The loss of this rank's slice, scaled so that DDP's mean of the ranks' gradients is the gradient of the
-    global batch's mean loss (slices may differ in size: the last batch of an epoch is cut as it comes)."""
+    global batch's mean loss (slices may differ in size: the last batch of an epoch is cut as it comes).
+    ``stand_in``: the slice was empty and ``images`` is a placeholder that must not count (weight 0)."""
     logits = ddp(images)[:, columns]
     extra = model.auxiliary_loss()
     if world == 1:
         loss = F.cross_entropy(logits, labels)
         return loss if extra is None else loss + extra
-    loss = F.cross_entropy(logits, labels, reduction="sum") * (world / global_n)
-    if extra is not None and images.shape[0]:
-        loss = loss + extra * (images.shape[0] * world / global_n)
-    return loss
+    scale = 0.0 if stand_in else world / global_n
+    loss = F.cross_entropy(logits, labels, reduction="sum") * scale
+    return loss if extra is None else loss + extra * (images.shape[0] * scale)
 
 
 def _global_value(loss: torch.Tensor, world: int) -> float:
@@ -307,8 +307,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 tick = time.perf_counter()
                 for images, labels in data.batches(train_set, order, cfg.num_workers):
                     global_n = min(cfg.batch_size, len(train_set) - state["step_in_epoch"] * cfg.batch_size)
+                    stand_in = images.shape[0] == 0  # the last batch has fewer images than ranks: DDP needs a step
+                    if stand_in:
+                        images, labels = next(data.batches(train_set, [torch.zeros(1, dtype=torch.long)]))
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    loss = _batch_loss(ddp, model, images, labels, columns, global_n, world)
+                    loss = _batch_loss(ddp, model, images, labels, columns, global_n, world, stand_in)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
