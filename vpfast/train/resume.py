@@ -4,7 +4,8 @@ A resumed run continues the saved config. A value given with ``--resume`` must e
 the fields in ``SAFE_OVERRIDES``: where data is read, how it is loaded and logged, the device, when to stop,
 and ``epochs``, which extends (or shortens, not below the epochs done) the run. After a change of ``epochs``
 the schedule is the one a run started with the new number would follow: the learning rate of every remaining
-epoch is read off that curve (the epochs already trained keep their rates).
+epoch is read off that curve (the epochs already trained keep their rates). ``max_steps`` is not inherited:
+it stops the invocation that sets it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def resume_config(out: str | Path, given: dict[str, object]) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}: expected TrainConfig fields")
     saved = saved_config(out)
-    wanted = dataclasses.replace(saved, **given, out=str(out))
-    check_compatible(saved, wanted.resolved(), out)
+    wanted = dataclasses.replace(saved, **{"max_steps": None, **given, "out": str(out)})
+    epochs_done = checkpoint.load_trainer_state(Path(out) / "last")["state"]["epoch"]
+    check_compatible(saved, wanted.resolved(), out, epochs_done)
     return wanted
