@@ -37,7 +37,7 @@ class EpochProgress:
         self.desc, self.total, self.done, self.enabled = desc, total, initial, enabled
         self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False) if enabled and on_terminal() else None
         self.loss: float | None = None
-        self.last_line = time.monotonic()
+        self.last_line, self.printed = time.monotonic(), initial
 
     def step(self, loss: float | None = None) -> None:
         self.done += 1
@@ -52,10 +52,10 @@ class EpochProgress:
     def _line(self) -> None:
         loss = "" if self.loss is None else f", loss {self.loss:.4f}"
         say(f"{self.desc}: step {self.done}/{self.total}{loss}")
-        self.last_line = time.monotonic()
+        self.last_line, self.printed = time.monotonic(), self.done
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and self.printed != self.done:
             self._line()
