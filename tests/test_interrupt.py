@@ -189,3 +189,24 @@ def test_a_terminal_gets_a_bar_and_the_validation_accuracy(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "\r" in err and "epoch 1/1:" in err
     assert re.search(r"(^|\r)epoch 1/1: validation accuracy \d\.\d{4} \(best \d\.\d{4}\)$", err, re.M)
+
+
+def test_last_is_also_saved_on_a_timer_so_a_kill_loses_little(tmp_path, monkeypatch):
+    from vpfast.train import loop
+
+    seen = {}
+
+    def record(event, state):
+        if event == "step" and state["step"] == 2:
+            seen["default"] = (tmp_path / "run" / "last").exists()
+
+    train(tiny(tmp_path / "run", max_steps=3), progress=False, hook=record)
+    monkeypatch.setattr(loop, "CHECKPOINT_EVERY_S", 0.0)
+
+    def saved_step(event, state):
+        if event == "step":
+            last = checkpoint.load_trainer_state(tmp_path / "timed" / "last")
+            seen.setdefault("timer", []).append(last["state"]["step"])
+
+    train(tiny(tmp_path / "timed", max_steps=3), progress=False, hook=saved_step)
+    assert seen == {"default": False, "timer": [1, 2]}
