@@ -53,7 +53,8 @@ def _signal_at(point: str, signum: int, monkeypatch):
     seen = {"validation": 0}
 
     def hook(event, state):
-        if point == "mid-epoch" and event == "step" and state["step"] == 3:
+        if (point, event) == ("after-training", "trained") or \
+                (point == "mid-epoch" and event == "step" and state["step"] == 3):
             os.kill(os.getpid(), signum)
         if point == "validation" and event == "validation" and state["epoch"] == 1:
             seen["validation"] += 1
@@ -80,6 +81,7 @@ def _signal_at(point: str, signum: int, monkeypatch):
     ("mid-epoch", r"at epoch 1/2, step 3/4"),
     ("validation", r"during the validation after epoch 1/2 \(redone on resume\)"),
     ("checkpoint-write", r"at epoch 2/2, step 1/4"),
+    ("after-training", r"after the last epoch \(2\), before the test evaluation \(done on resume\)"),
 ])
 def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(straight, tmp_path, monkeypatch, signum,
                                                                        point, where):

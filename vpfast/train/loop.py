@@ -213,7 +213,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     ``max_steps`` stops early after saving a checkpoint. SIGINT/SIGTERM stop at the next optimizer step or
     validation batch, save ``last/`` and raise ``TrainingInterrupted`` (an interrupted validation is redone on
     resume); any other exception saves ``last/`` and propagates. ``hook(event, state)`` runs after every
-    optimizer step (``"step"``) and validation batch (``"validation"``). Under DDP, ranks other than 0 return None.
+    optimizer step (``"step"``), validation batch (``"validation"``) and once training is done (``"trained"``).
+    Under DDP, ranks other than 0 return None.
     """
     cfg = cfg.resolved()
     out = Path(cfg.out)
@@ -294,6 +295,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 if state["validate"]:
                     validate()
                 if state["epoch"] >= cfg.epochs:
+                    safe_point("trained")  # a signal during the last save must not be lost
                     break
                 epoch = state["epoch"]
                 if state["step_in_epoch"] == 0 and model.mapping is not None \
@@ -339,9 +341,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 state.update(epoch=epoch + 1, step_in_epoch=0, validate=True)
         except _Stop as stopped:
             save_last()
-            where = (f"during the validation after epoch {state['epoch']}/{cfg.epochs} (redone on resume)"
-                     if state["validate"] else
-                     f"at epoch {state['epoch'] + 1}/{cfg.epochs}, step {state['step_in_epoch']}/{n_batches}")
+            if state["validate"]:
+                where = f"during the validation after epoch {state['epoch']}/{cfg.epochs} (redone on resume)"
+            elif state["epoch"] >= cfg.epochs:
+                where = f"after the last epoch ({cfg.epochs}), before the test evaluation (done on resume)"
+            else:
+                where = f"at epoch {state['epoch'] + 1}/{cfg.epochs}, step {state['step_in_epoch']}/{n_batches}"
             raise TrainingInterrupted(
                 f"vpfast: {StopSignals.name(stopped.signum)}: training stopped {where}; saved {out / 'last'}; "
                 f"continue with: {_continue_command(out)}", EXIT_CODES[stopped.signum]) from None
