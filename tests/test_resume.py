@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +124,21 @@ def test_eval_of_a_run_directory_uses_its_best_checkpoint(finished):
     run, results = finished
     evaluated = evaluate_checkpoint(run, progress=False)
     assert evaluated["checkpoint"] == str(run / "best") and evaluated["test_acc"] == results["test_acc"]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vpfast", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_resume_takes_the_saved_config_and_refuses_a_changed_flag(finished, tmp_path):
+    """Needs vpfast/cli.py to build the config with resume_config(args.out, <the flags typed>)."""
+    train(tiny(tmp_path / "run", max_steps=3), progress=False)
+    refused = _cli("train", "--resume", "--out", str(tmp_path / "run"), "--lr", "5")
+    assert refused.returncode == 2
+    assert re.search(r"--lr differs from the run being resumed: .* was trained with 70.0, --resume was given 5.0",
+                     refused.stderr), refused.stderr
+    done = _cli("train", "--resume", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_acc"] == finished[1]["test_acc"] and results["steps"] == finished[1]["steps"]

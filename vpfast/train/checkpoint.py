@@ -58,6 +58,9 @@ def problem(directory: Path) -> str | None:
     """Why ``directory`` is not a complete checkpoint (a sentence naming the file), or None if it is."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
+        if (directory / "trainer.pt").exists():
+            return (f"{manifest_path} is missing: written by an older vpfast, whose trainer.pt is a pickle, "
+                    f"which is never loaded")
         return f"{manifest_path} is missing (an unfinished write, or not a vpfast checkpoint)"
     try:
         manifest = json.loads(manifest_path.read_text())
