@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from vpfast.train.build import (
 from vpfast.train.config import PIXEL_METHODS, TrainConfig
 from vpfast.train.interrupt import EXIT_CODES, StopSignals, TrainingInterrupted
 from vpfast.train.metrics import MetricsLog, plot
-from vpfast.train.resume import check_compatible, saved_config
+from vpfast.train.resume import check_compatible, restore, saved_config
 
 CHECKPOINT_EVERY_S = 600.0  # last/ is also saved after this long without a save, whatever --checkpoint-every says
 
@@ -191,15 +190,6 @@ def _global_value(loss: torch.Tensor, world: int) -> float:
     return value.item() / world
 
 
-def _rates_after(schedule, optimizer: torch.optim.Optimizer, epochs_done: int) -> list[float]:
-    """The learning rates of a fresh schedule after ``epochs_done`` epochs (how an extended run continues)."""
-    with warnings.catch_warnings():  # stepping a schedule before any optimizer step is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(epochs_done):
-            schedule.step()
-    return [group["lr"] for group in optimizer.param_groups]
-
-
 def _continue_command(out: Path) -> str:
     return f"vpfast train --resume --out {shlex.quote(str(out))}"
 
@@ -233,26 +223,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0,
              "validate": False}
+    extension = None
     if saved is not None:
-        model.load_trainable_state(saved["tensors"])
         state = saved["state"]
-        rates = _rates_after(schedule, optimizer, state["epoch"]) if cfg.epochs != saved_cfg.epochs else None
-        optimizer.load_state_dict(saved["optimizer"])
-        if rates is None:
-            schedule.load_state_dict(saved["schedule"])
-        else:
-            for group, rate in zip(optimizer.param_groups, rates, strict=True):
-                group["lr"] = rate
-            progress_output.say(f"--epochs {saved_cfg.epochs} -> {cfg.epochs}: the schedule is now the one of a "
-                                f"{cfg.epochs}-epoch run, continuing at epoch {state['epoch'] + 1} "
-                                f"with lr {rates[0]:.6g}", main_rank)
-        torch.set_rng_state(saved["rng"])
+        extension = restore(saved, saved_cfg.epochs, cfg.epochs, model, optimizer, schedule)
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None) if world > 1 else model)
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None) if main_rank else None
-    if saved is not None and rates is not None and main_rank:
-        log.write(step=state["step"], epoch=state["epoch"], epochs_from=saved_cfg.epochs, epochs_to=cfg.epochs,
-                  lr=rates[0])
+    if extension is not None and main_rank:
+        progress_output.say(f"--epochs {extension['epochs_from']} -> {extension['epochs_to']}: the schedule is now "
+                            f"the one of a {cfg.epochs}-epoch run, continuing at epoch {state['epoch'] + 1} with lr "
+                            f"{extension['lr']:.6g}")
+        log.write(step=state["step"], epoch=state["epoch"], **extension)
     n_batches = -(-len(train_set) // cfg.batch_size)
     last_save = time.monotonic()
 

@@ -11,7 +11,10 @@ it stops the invocation that sets it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
+
+import torch
 
 from vpfast.train import checkpoint
 from vpfast.train.config import TrainConfig
@@ -55,3 +58,31 @@ def resume_config(out: str | Path, given: dict[str, object]) -> TrainConfig:
     epochs_done = checkpoint.load_trainer_state(Path(out) / "last")["state"]["epoch"]
     check_compatible(saved, wanted.resolved(), out, epochs_done)
     return wanted
+
+
+def _rates_after(schedule, optimizer: torch.optim.Optimizer, epochs_done: int) -> list[float]:
+    """The learning rates of a fresh schedule after ``epochs_done`` epochs."""
+    with warnings.catch_warnings():  # stepping a schedule before any optimizer step is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs_done):
+            schedule.step()
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+def restore(saved: dict, saved_epochs: int, epochs: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            schedule) -> dict | None:
+    """Load a saved trainer state (``load_trainer_state`` plus ``"tensors"``, the trainable tensors) into a freshly
+    built ``model``, ``optimizer`` and ``schedule`` (built for ``epochs``). If ``epochs`` differs from
+    ``saved_epochs`` the schedule is the fresh one, stepped to the epochs done; returns the change for the log
+    (``epochs_from``, ``epochs_to``, ``lr``), else None."""
+    model.load_trainable_state(saved["tensors"])
+    done = saved["state"]["epoch"]
+    rates = _rates_after(schedule, optimizer, done) if epochs != saved_epochs else None
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    if rates is None:
+        schedule.load_state_dict(saved["schedule"])
+        return None
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    return {"epochs_from": saved_epochs, "epochs_to": epochs, "lr": rates[0]}
