@@ -260,9 +260,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         if main_rank:
             log.write(step=state["step"], epoch=epoch, val_acc=val_acc)
         if val_acc > state["best_val"]:
-            state["best_val"] = val_acc
             if main_rank:
                 checkpoint.save(out / "best", model.trainable_state(), cfg)
+            state["best_val"] = val_acc
         progress_output.say(f"epoch {epoch}/{cfg.epochs}: validation accuracy {val_acc:.4f} "
                             f"(best {state['best_val']:.4f})", progress)
         state["validate"] = False
@@ -284,16 +284,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                         and hasattr(model.mapping, "should_refresh") and model.mapping.should_refresh(epoch):
                     refresh_mapping(model, train_set, cfg, device, progress)
                 model.train()
-                order = data.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch,
-                                           start=state["step_in_epoch"], rank=rank, world_size=world)
+                order = list(data.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch,
+                                                start=state["step_in_epoch"], rank=rank, world_size=world))
+                # a last batch with fewer images than ranks leaves some slices empty, but every rank must step:
+                # those load one stand-in image that the loss weighs 0
+                stand_ins = [len(index) == 0 for index in order]
+                order = [index if len(index) else torch.zeros(1, dtype=torch.long) for index in order]
                 bar = progress_output.EpochProgress(f"epoch {epoch + 1}/{cfg.epochs}", n_batches,
                                                     state["step_in_epoch"], progress)
                 tick = time.perf_counter()
-                for images, labels in data.batches(train_set, order, cfg.num_workers):
+                for (images, labels), stand_in in zip(data.batches(train_set, order, cfg.num_workers), stand_ins,
+                                                      strict=True):
                     global_n = min(cfg.batch_size, len(train_set) - state["step_in_epoch"] * cfg.batch_size)
-                    stand_in = images.shape[0] == 0  # the last batch has fewer images than ranks: DDP needs a step
-                    if stand_in:
-                        images, labels = next(data.batches(train_set, [torch.zeros(1, dtype=torch.long)]))
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                     loss = _batch_loss(ddp, model, images, labels, columns, global_n, world, stand_in)
                     optimizer.zero_grad(set_to_none=True)
