@@ -74,6 +74,35 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     (Path(out) / f"returned-by-rank{rank}.json").write_text(json.dumps(results))
 
 
+def _ddp_signal_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Only rank 1 gets SIGTERM, after step 2: every rank must stop at the same step."""
+    import signal
+
+    from vpfast.train.loop import TrainingInterrupted
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+    def hook(event, state):
+        if rank == 1 and event == "step" and state["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        train(tiny(out, **DDP_RUN), progress=False, hook=hook)
+    except TrainingInterrupted as exc:
+        (Path(out) / f"stopped-rank{rank}.txt").write_text(f"{exc.exit_code} {exc}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    mp.spawn(_ddp_signal_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / "ddp" / f"stopped-rank{rank}.txt").read_text().startswith(
+            "143 vpfast: SIGTERM: training stopped at epoch 1/1, step 2/4;")
+    assert checkpoint.load_trainer_state(tmp_path / "ddp" / "last")["state"]["step"] == 2
+
+
 def _losses(run) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
