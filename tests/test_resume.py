@@ -142,3 +142,14 @@ def test_cli_resume_takes_the_saved_config_and_refuses_a_changed_flag(finished, 
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test_acc"] == finished[1]["test_acc"] and results["steps"] == finished[1]["steps"]
+
+
+def test_eval_never_downloads_what_a_run_config_asks_for(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    config = json.loads((run / "best" / "config.json").read_text())
+    config.update(data="torchvision:MNIST", download=True, data_root=str(tmp_path / "written-here"))
+    (run / "best" / "config.json").write_text(json.dumps(config))
+    _rewrite_manifest(run / "best")
+    with pytest.raises(Exception, match="(?i)not found|download"):
+        evaluate_checkpoint(run, progress=False)
+    assert not any((tmp_path / "written-here").rglob("*"))
