@@ -200,3 +200,16 @@ def test_missing_checkpoint_and_run_directory_locate(tmp_path):
     _save(tmp_path / "run" / "best", 1.0)
     assert checkpoint.locate(tmp_path / "run") == tmp_path / "run" / "best"
     assert checkpoint.locate(tmp_path / "run" / "best") == tmp_path / "run" / "best"
+
+
+@pytest.mark.parametrize("manifest", [
+    {"format": "other", "files": {}},
+    {"format": checkpoint.FORMAT, "files": {"prompt.safetensors": 5, "config.json": 5}},
+    {"format": checkpoint.FORMAT, "files": {"prompt.safetensors": {}, "config.json": {}, "../outside": {}}},
+    [1, 2],
+], ids=["format", "entries", "traversal", "not-an-object"])
+def test_a_malformed_manifest_is_a_clear_error(tmp_path, manifest):
+    _save(tmp_path / "last", 1.0)
+    (tmp_path / "last" / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"cannot read the checkpoint .*last: .*last/"):
+        checkpoint.load_tensors(tmp_path / "last")

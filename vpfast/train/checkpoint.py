@@ -67,7 +67,8 @@ def problem(directory: Path) -> str | None:
         files = manifest["files"] if manifest.get("format") == FORMAT else None
     except (ValueError, KeyError, TypeError, AttributeError):
         files = None
-    if not isinstance(files, dict) or TENSORS not in files or CONFIG not in files:
+    if not isinstance(files, dict) or TENSORS not in files or CONFIG not in files or \
+            not all(isinstance(entry, dict) for entry in files.values()):
         return f"{manifest_path} is not a {FORMAT} manifest"
     for name, expected in files.items():
         path = directory / name
