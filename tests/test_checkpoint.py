@@ -213,3 +213,13 @@ def test_a_malformed_manifest_is_a_clear_error(tmp_path, manifest):
     (tmp_path / "last" / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CorruptCheckpoint, match=r"cannot read the checkpoint .*last: .*last/"):
         checkpoint.load_tensors(tmp_path / "last")
+
+
+def test_a_checkpoint_of_the_old_pickle_format_is_named_and_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+    _save(tmp_path / "last", 1.0)
+    (tmp_path / "last" / checkpoint.MANIFEST).unlink()
+    torch.save({"state": Payload(marker)}, tmp_path / "last" / "trainer.pt")
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"written by an older vpfast, whose trainer.pt is a pickle"):
+        checkpoint.load_trainer_state(tmp_path / "last")
+    assert not marker.exists()
