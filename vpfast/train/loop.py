@@ -201,10 +201,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     With ``resume`` the run continues from ``<out>/last`` exactly where it stopped; ``cfg`` must match the saved
     config except the safe overrides of ``vpfast.train.resume`` (checked before anything in ``out`` changes).
     ``max_steps`` stops early after saving a checkpoint. SIGINT/SIGTERM stop at the next optimizer step or
-    validation batch, save ``last/`` and raise ``TrainingInterrupted`` (an interrupted validation is redone on
-    resume); any other exception saves ``last/`` and propagates. ``hook(event, state)`` runs after every
-    optimizer step (``"step"``), validation batch (``"validation"``) and once training is done (``"trained"``).
-    Under DDP, ranks other than 0 return None.
+    validation batch (under DDP: within ``log_every`` of them), save ``last/`` and raise ``TrainingInterrupted``
+    (an interrupted validation is redone on resume); any other exception saves ``last/`` and propagates.
+    ``hook(event, state)`` runs after every optimizer step (``"step"``), validation batch (``"validation"``)
+    and once training is done (``"trained"``). Under DDP, ranks other than 0 return None.
     """
     cfg = cfg.resolved()
     out = Path(cfg.out)
@@ -246,9 +246,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 "rng": torch.get_rng_state()})
         last_save = time.monotonic()
 
+    polls = {"validation": 0}
+
     def safe_point(event: str) -> None:
+        """Raise _Stop if a signal came. Under DDP the ranks agree through a blocking all-reduce, so they poll
+        only every ``log_every`` steps or validation batches (a step that logs synchronizes anyway)."""
         if hook is not None:
             hook(event, state)
+        polls["validation"] = polls["validation"] + 1 if event == "validation" else 0
+        count = state["step"] if event == "step" else polls["validation"]
+        if world > 1 and event != "trained" and count % cfg.log_every:
+            return
         signum = signals.requested()
         if signum:
             raise _Stop(signum)
