@@ -223,3 +223,12 @@ def test_a_checkpoint_of_the_old_pickle_format_is_named_and_never_loaded(tmp_pat
     with pytest.raises(checkpoint.CorruptCheckpoint, match=r"written by an older vpfast, whose trainer.pt is a pickle"):
         checkpoint.load_trainer_state(tmp_path / "last")
     assert not marker.exists()
+
+
+def test_saving_over_a_damaged_checkpoint_and_a_damaged_previous_one_works(tmp_path):
+    for name in ("last", "last.old"):
+        _save(tmp_path / name, 1.0)
+        (tmp_path / name / "prompt.safetensors").write_bytes(b"\0" * 10)
+    _save(tmp_path / "last", 2.0)
+    assert _value(tmp_path / "last") == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]

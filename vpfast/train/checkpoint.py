@@ -159,6 +159,7 @@ def save(directory: str | Path, tensors: dict[str, torch.Tensor], config, traine
     _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n"))
     _fsync(tmp)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left only if both it and final are damaged (_recover)
         final.rename(old)
         _fsync(final.parent)
     tmp.rename(final)
