@@ -273,6 +273,16 @@ BAD_CALLS = [
     (dict(transform=torch.tensor([[16, 0, 0, 2], [16, 0, 0, 0]], dtype=torch.int32)), r"transform row 0"),
     (dict(transform=torch.zeros(2, 4)), r"transform must be int32 or int64, got torch.float32"),
     (dict(prompt=lambda a: a["prompt"].to("meta")), r"prompt is on meta but images are on cpu"),
+    (dict(inner_size=True), r"inner_size must be an int, got True \(bool\)"),
+    (dict(inner_size=10.0), r"inner_size must be an int, got 10.0 \(float\)"),
+    (dict(offset=(3.7, 3)), r"offset\[0\] must be an int, got 3.7 \(float\)"),
+    (dict(offset=(3, False)), r"offset\[1\] must be an int, got False \(bool\)"),
+    (dict(offset=3), r"offset must be a pair \(oy, ox\) of ints, got 3"),
+    (dict(fill=float("nan")), r"fill must be a finite number, got nan"),
+    (dict(fill=float("inf")), r"fill must be a finite number, got inf"),
+    (dict(fill="0"), r"fill must be a finite number, got '0'"),
+    (dict(std=(0.2, float("nan"), 0.3)), r"std must be finite, got \[0.2.*nan, 0.3.*\]"),
+    (dict(mean=torch.tensor([0.5, float("inf"), 0.5])), r"mean must be finite, got \[0.5, inf, 0.5\]"),
 ]
 
 

@@ -9,6 +9,7 @@ in ``vpfast.kernels.compose``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,6 +43,19 @@ def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def check_int(name: str, value: object) -> None:
+    """Raise unless ``value`` is an int (a SymInt under torch.compile); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def check_finite(name: str, value: object) -> None:
+    """Raise unless ``value`` is a finite real number (a comparison: it also holds for symbolic floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            or not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
     if value is None:
         return None
@@ -50,8 +64,11 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
     if vec.device != device and vec.device.type != "cpu":
         raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if nonzero and _host_values(vec) and bool((vec == 0).any()):
-        raise ValueError(f"{name} must be non-zero, got {vec.tolist()}")
+    if _host_values(vec):
+        if not bool(vec.isfinite().all()):
+            raise ValueError(f"{name} must be finite, got {vec.tolist()}")
+        if nonzero and bool((vec == 0).any()):
+            raise ValueError(f"{name} must be non-zero, got {vec.tolist()}")
     return vec.to(device, non_blocking=True)
 
 
@@ -133,11 +150,16 @@ def compose(
     if prompt.device != images.device:
         raise ValueError(f"prompt is on {prompt.device} but images are on {images.device}")
     size = prompt.shape[1]
+    check_int("inner_size", inner_size)
     if not 0 < inner_size <= size:
         raise ValueError(f"inner_size must be in (0, {size}] (the canvas size S), got {inner_size}")
     if offset is None:
         offset = ((size - inner_size) // 2, (size - inner_size) // 2)
-    oy, ox = (int(v) for v in offset)
+    if not isinstance(offset, (tuple, list)) or len(offset) != 2:
+        raise ValueError(f"offset must be a pair (oy, ox) of ints, got {offset!r}")
+    check_int("offset[0]", offset[0])
+    check_int("offset[1]", offset[1])
+    oy, ox = offset
     if not (0 <= oy <= size - inner_size and 0 <= ox <= size - inner_size):
         raise ValueError(f"offset {tuple(offset)} puts the {inner_size} x {inner_size} image off the "
                          f"{size} x {size} canvas: each must be in [0, {size - inner_size}]")
@@ -147,6 +169,7 @@ def compose(
         if mask.device != images.device:
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
         mask = mask.to(prompt.dtype)
+    check_finite("fill", fill)
     check_choice("mode", mode, MODES)
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
     check_choice("grad_region", grad_region, GRAD_REGIONS)
