@@ -2,9 +2,9 @@
 
 The op behind EVP and the pixel prompters (contract: DESIGN.md, "compose").
 This file holds the argument checks, the reference implementation (plain
-PyTorch: the specification and the CPU path), the ``torch.library``
-registration with fake and autograd, and the dispatch to the Triton kernels
-in ``vpfast.kernels.compose``.
+PyTorch: the specification and the CPU path), and the op's definition
+(vpfast/ops/_library.py): its options, fake, autograd and backends (the
+Triton kernels in ``vpfast.kernels.compose`` and the reference).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ GRAD_NORMS = (None, "sample_l2", "sample_l1")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GRAD_NORM_EPS = 1e-12
-
-_dispatch.register_op("compose", {"cuda": ("triton",)})
 
 
 class Layout(NamedTuple):
@@ -186,10 +184,9 @@ def compose(
         out_dtype = prompt.dtype
     check_choice("out_dtype", out_dtype, OUT_DTYPES)
     check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
-    return torch.ops.vpfast.compose(
-        images, prompt, mask, mean_t, std_t, transform, inner_size, oy, ox, float(fill), mode, bool(antialias),
-        prompt_space, grad_region, grad_norm or "none", out_dtype, memory_format == torch.channels_last,
-    )
+    options = ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
+                             grad_norm or "none", out_dtype, memory_format == torch.channels_last)
+    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
 
 
 # --------------------------------------------------------------------------- reference
@@ -300,75 +297,102 @@ def compose_backward_reference(
 # --------------------------------------------------------------------------- registration
 
 
-def _triton_kernels(device: torch.device, dtype: torch.dtype):
-    """The Triton launchers when dispatch picks them for this call, else None (the reference runs)."""
-    if _dispatch.choose("compose", device) != "triton":
-        return None
-    if dtype != torch.float32:
-        _dispatch.warn_once(f"compose:{dtype}", f"vpfast: compose with a {dtype} prompt runs the reference "
-                                                "(the Triton kernels compute in float32)")
-        return None
+class ComposeOptions(NamedTuple):
+    """compose's non-tensor arguments, as the op ``vpfast::compose`` takes them after its tensors."""
+
+    inner_size: _library.SymInt
+    oy: _library.SymInt
+    ox: _library.SymInt
+    fill: float
+    mode: str
+    antialias: bool
+    prompt_space: str
+    grad_region: str
+    grad_norm: str  # "none", "sample_l2" or "sample_l1"
+    out_dtype: torch.dtype
+    channels_last: bool
+
+
+class ComposeGradOptions(NamedTuple):
+    """The options of ``vpfast::compose_backward`` (the prompt gradient), after its tensors."""
+
+    prompt_space: str
+    grad_region: str
+    grad_norm: str
+    prompt_dtype: torch.dtype
+
+
+COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?", "transform?"), ComposeOptions)
+COMPOSE_BACKWARD = _library.OpDef("compose_backward", ("grad_out", "mask?", "std?", "transform?"), ComposeGradOptions)
+
+
+def _reference_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
+    layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
+    y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
+                          o.prompt_space)
+    return y.to(dtype=o.out_dtype, memory_format=torch.channels_last if o.channels_last else torch.contiguous_format)
+
+
+def _reference_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> torch.Tensor:
+    return compose_backward_reference(grad_out, mask, std, transform, o.prompt_space, o.grad_region, o.grad_norm,
+                                      o.prompt_dtype)
+
+
+def _triton_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
     from vpfast.kernels import compose as kernels
 
-    return kernels
+    return kernels.compose_forward(
+        images, prompt, mask, mean, std, transform, o.inner_size, o.oy, o.ox, o.fill, o.mode, o.antialias,
+        o.prompt_space, o.out_dtype, torch.channels_last if o.channels_last else torch.contiguous_format,
+    )
 
 
-def _compose_kernel(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
-                    prompt_space, grad_region, grad_norm, out_dtype, channels_last):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    kernels = _triton_kernels(images.device, prompt.dtype)
-    if kernels is not None:
-        return kernels.compose_forward(
-            images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias, prompt_space,
-            out_dtype, memory_format,
-        )
-    layout = Layout(prompt.shape[-1], inner_size, oy, ox)
-    y = compose_reference(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space)
-    return y.to(dtype=out_dtype, memory_format=memory_format)
+def _triton_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> torch.Tensor:
+    from vpfast.kernels import compose as kernels
+
+    return kernels.compose_backward(grad_out, mask, std, transform, o.prompt_space, o.grad_region, o.grad_norm,
+                                    GRAD_NORM_EPS)
 
 
-def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
-                  prompt_space, grad_region, grad_norm, out_dtype, channels_last):
+_dispatch.register("compose", (
+    _dispatch.Backend("triton", ("cuda",), (torch.float32,), _triton_forward, _triton_backward,
+                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",)),
+    _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32, torch.float64), _reference_forward,
+                      _reference_backward),
+))
+
+
+def _compose_kernel(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
+    backend = _dispatch.select("compose", images.device, prompt.dtype)
+    return backend.forward(images, prompt, mask, mean, std, transform, options)
+
+
+def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
     size = prompt.shape[-1]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype, device=images.device,
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    return torch.empty((images.shape[0], images.shape[1], size, size), dtype=options.out_dtype, device=images.device,
                        memory_format=memory_format)
 
 
-def _compose_backward_kernel(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
-    kernels = _triton_kernels(grad_out.device, prompt_dtype)
-    if kernels is not None:
-        return kernels.compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
-                                        GRAD_NORM_EPS)
-    return compose_backward_reference(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
-                                      prompt_dtype)
+def _compose_backward_kernel(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
+    backend = _dispatch.select("compose", grad_out.device, options.prompt_dtype)
+    return backend.backward(grad_out, mask, std, transform, options)
 
 
-def _compose_backward_fake(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
-    return grad_out.new_empty(grad_out.shape[1:], dtype=prompt_dtype)
+def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
+    return grad_out.new_empty(grad_out.shape[1:], dtype=options.prompt_dtype)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, prompt, mask, _, std, transform, *_, prompt_space, grad_region, grad_norm, _, _ = inputs
+def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None:
+    _, prompt, mask, _, std, transform = tensors
     ctx.save_for_backward(mask, std, transform)
-    ctx.options = (prompt_space, grad_region, grad_norm, prompt.dtype)
+    ctx.grad_options = ComposeGradOptions(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    mask, std, transform = ctx.saved_tensors
-    grad_prompt = None
-    if ctx.needs_input_grad[1]:
-        grad_prompt = torch.ops.vpfast.compose_backward(grad, mask, std, transform, *ctx.options)
-    return (None, grad_prompt) + (None,) * 15
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor]:
+    return (compose_backward_op((grad, *ctx.saved_tensors), ctx.grad_options),)
 
 
-_library.define(
-    "compose(Tensor images, Tensor prompt, Tensor? mask, Tensor? mean, Tensor? std, Tensor? transform, "
-    "SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, str prompt_space, "
-    "str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor", _compose_kernel)
-_library.define(
-    "compose_backward(Tensor grad_out, Tensor? mask, Tensor? std, Tensor? transform, str prompt_space, "
-    "str grad_region, str grad_norm, ScalarType prompt_dtype) -> Tensor", _compose_backward_kernel)
-torch.library.register_fake("vpfast::compose", _compose_fake, lib=_library.LIB)
-torch.library.register_fake("vpfast::compose_backward", _compose_backward_fake, lib=_library.LIB)
-_library.register_autograd("compose", _backward, _setup_context, differentiable=(1,))
+compose_op = _library.define(COMPOSE, _compose_kernel, _compose_fake)
+compose_backward_op = _library.define(COMPOSE_BACKWARD, _compose_backward_kernel, _compose_backward_fake)
+_library.register_autograd(compose_op, _backward, _setup_context, differentiable=(1,))
