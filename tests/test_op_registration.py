@@ -115,7 +115,7 @@ def test_shim_plain_eager_sees_modes_subclasses_transforms_and_compile():
     from vpfast.ops import _torch_shim
 
     x = torch.ones(2)
-    assert _torch_shim.plain_eager((x, None))
+    assert _torch_shim.plain_eager((x, None, torch.nn.Parameter(x)))
     assert not _torch_shim.plain_eager((x, torch.ones(2, device="meta")))
     with FakeTensorMode() as mode:
         assert not _torch_shim.plain_eager((x,))

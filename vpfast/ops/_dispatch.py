@@ -133,7 +133,9 @@ class BackendError(RuntimeError):
 def _environment() -> tuple:
     """What backend availability depends on besides the call: the cache key of :func:`_select`."""
     status = _extension.status()
-    return forced_backend(), interpreter_enabled(), status.loaded, status.has_cuda, status.reason
+    forced = forced_backend()
+    # The interpreter matters only to a forced triton backend (Triton is chosen by default on CUDA only).
+    return forced, forced is not None and interpreter_enabled(), status.loaded, status.has_cuda, status.reason
 
 
 @functools.cache

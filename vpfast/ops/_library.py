@@ -126,10 +126,9 @@ def register_autograd(
     """
     count = len(op.opdef.tensors)
 
-    def forward(ctx, *args):
-        *tensors, options, run = args
-        output = run(*tensors, options)
-        setup_context(ctx, tuple(tensors), options, output)
+    def forward(ctx, *args):  # args: the tensors, the options, the runner
+        output = args[-1](*args[:-1])
+        setup_context(ctx, args[:count], args[count], output)
         return output
 
     def backward_all(ctx, *grads):
@@ -143,8 +142,10 @@ def register_autograd(
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
 
     def autograd(tensors: tuple, options: NamedTuple, run: Callable):
-        if torch.is_grad_enabled() and any(tensors[i] is not None and tensors[i].requires_grad for i in differentiable):
-            return function.apply(*tensors, options, run)
+        if torch.is_grad_enabled():
+            for i in differentiable:  # a loop, not any(): this runs on every call
+                if tensors[i] is not None and tensors[i].requires_grad:
+                    return function.apply(*tensors, options, run)
         return run(*tensors, options)
 
     def below(*args):

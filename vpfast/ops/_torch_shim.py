@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 import torch
 
 TESTED_TORCH = ("2.10", "2.11", "2.12", "2.13", "2.14")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def below_autograd() -> AbstractContextManager:
@@ -23,13 +24,17 @@ def plain_eager(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether a call with ``tensors`` would reach the op's own kernels unchanged through the dispatcher.
 
     True outside torch.compile, with no TorchDispatchMode (fake tensors, tracing, functionalization),
-    no functorch transform, and only plain tensors (no subclass, not meta): then an op may call its
-    autograd and backend kernels directly and skip two dispatcher round trips.
+    no functorch transform, and only plain tensors (torch.Tensor or nn.Parameter, not meta): then an op
+    may call its autograd and backend kernels directly and skip two dispatcher round trips.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
             or torch._C._functorch.maybe_current_level() is not None:
         return False
-    return all(t is None or (type(t) is torch.Tensor and not t.is_meta) for t in tensors)
+    for t in tensors:  # a loop, not all(): this runs on every call
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
+
 
 
 def has_kernel(qualname: str, dispatch_key: str) -> bool:

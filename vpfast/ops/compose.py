@@ -55,19 +55,25 @@ def check_finite(name: str, value: object) -> None:
 
 
 def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
+    """``value`` (a sequence or tensor, one value per channel) as a float32 vector on ``device``.
+
+    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read.
+    """
     if value is None:
         return None
-    vec = torch.as_tensor(value, dtype=torch.float32).flatten()
+    vec = value if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.dim() == 1 \
+        else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
     if vec.device != device and vec.device.type != "cpu":
         raise ValueError(f"{name} is on {vec.device} but images are on {device}")
     if _host_values(vec):
-        if not bool(vec.isfinite().all()):
-            raise ValueError(f"{name} must be finite, got {vec.tolist()}")
-        if nonzero and bool((vec == 0).any()):
-            raise ValueError(f"{name} must be non-zero, got {vec.tolist()}")
-    return vec.to(device, non_blocking=True)
+        values = vec.tolist()
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"{name} must be finite, got {values}")
+        if nonzero and not all(values):
+            raise ValueError(f"{name} must be non-zero, got {values}")
+    return vec if vec.device == device else vec.to(device, non_blocking=True)
 
 
 def _host_values(t: torch.Tensor) -> bool:
@@ -166,7 +172,8 @@ def compose(
             raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
         if mask.device != images.device:
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
-        mask = mask.to(prompt.dtype)
+        if mask.dtype != prompt.dtype:
+            mask = mask.to(prompt.dtype)
     check_finite("fill", fill)
     check_choice("mode", mode, MODES)
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
@@ -269,6 +276,11 @@ def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already ``dtype`` (a no-op .to costs microseconds per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compose_backward_reference(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,
@@ -280,13 +292,13 @@ def compose_backward_reference(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The prompt gradient specification: per-sample gradients over the region, then the batch rule."""
-    g = grad_out.to(dtype)
+    g = _as_dtype(grad_out, dtype)
     if transform is not None:
         g = transform_adjoint(g, transform)
     if prompt_space == "pixel" and std is not None:
-        g = g / std.to(dtype).view(-1, 1, 1)
+        g = g / _as_dtype(std, dtype).view(-1, 1, 1)
     if grad_region == "prompt" and mask is not None:
-        g = g * mask.to(dtype)
+        g = g * _as_dtype(mask, dtype)
     if grad_norm in (None, "none"):
         return g.sum(0)
     flat = g.flatten(1)
@@ -330,6 +342,8 @@ def _reference_forward(images, prompt, mask, mean, std, transform, o: ComposeOpt
     layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
                           o.prompt_space)
+    if y.dtype == o.out_dtype and not o.channels_last:
+        return y  # compose_reference returns a contiguous tensor; .to would be a no-op, at a cost per call
     return y.to(dtype=o.out_dtype, memory_format=torch.channels_last if o.channels_last else torch.contiguous_format)
 
 
