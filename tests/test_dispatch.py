@@ -26,10 +26,9 @@ def fake_ops(monkeypatch):
     monkeypatch.setattr(_dispatch, "OPS", {})
     monkeypatch.setattr(_warn, "_warned", set())
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_chosen", {})
     _dispatch.register("demo", (fast, reference))
-    _dispatch._select.cache_clear()
-    yield state
-    _dispatch._select.cache_clear()
+    return state
 
 
 def test_every_op_is_registered_with_the_reference_last():
@@ -53,6 +52,7 @@ def test_selection_per_device_and_dtype(fake_ops):
 
 def test_unavailable_backend_falls_back_and_says_why(fake_ops):
     fake_ops["fast"] = "no GPU compiler"
+    _dispatch._chosen.clear()  # availability is read once per (op, device, dtype, environment, extension status)
     with pytest.warns(RuntimeWarning, match=r"triton unavailable: no GPU compiler"):
         assert _dispatch.select("demo", CUDA, torch.float32).name == "reference"
     expected = ("float32: reference (triton unavailable: no GPU compiler); "

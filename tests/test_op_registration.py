@@ -142,3 +142,17 @@ def test_ops_run_under_fake_tensors_through_their_fakes():
     with FakeTensorMode() as mode:
         out = vpfast.ops.compose(mode.from_tensor(images), mode.from_tensor(prompt), inner_size=6)
     assert out.shape == (2, 3, 8, 8)
+
+
+def test_eager_backward_runs_on_the_backend_the_forward_ran(monkeypatch):
+    """In plain eager mode the backward calls the forward's backend directly (_library.call_backward): it does
+    not select again, so forcing a backend that cannot run here between forward and backward changes nothing."""
+    images, prompt = _compose_inputs()
+    prompt.requires_grad_(True)
+    y = vpfast.ops.compose(images, prompt, inner_size=6)
+    monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a selection now would raise: Triton cannot run CPU tensors
+    (grad_prompt,) = torch.autograd.grad(y.sum(), prompt)
+    assert torch.equal(grad_prompt, torch.full_like(prompt, 2.0))
+    with pytest.raises(RuntimeError, match="VPFAST_BACKEND=triton cannot run compose on cpu"):
+        vpfast.ops.compose(images, prompt, inner_size=6)

@@ -130,18 +130,8 @@ class BackendError(RuntimeError):
         self.why = why
 
 
-def _environment() -> tuple:
-    """What backend availability depends on besides the call: the cache key of :func:`_select`."""
-    status = _extension.status()
-    forced = forced_backend()
-    # The interpreter matters only to a forced triton backend (Triton is chosen by default on CUDA only).
-    return forced, forced is not None and interpreter_enabled(), status.loaded, status.has_cuda, status.reason
-
-
-@functools.cache
-def _select(op: str, device_type: str, dtype: torch.dtype, environment: tuple) -> tuple[Backend, str]:
-    """(backend, why the preferred ones were skipped) in ``environment`` (:func:`_environment`)."""
-    forced = environment[0]
+def _select(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -> tuple[Backend, str]:
+    """(backend, why the preferred ones were skipped) with ``VPFAST_BACKEND=forced``, as of now."""
     backends = OPS[op]
     if forced is not None:
         by_name = {b.name: b for b in backends}
@@ -163,13 +153,26 @@ def _select(op: str, device_type: str, dtype: torch.dtype, environment: tuple) -
     raise AssertionError("unreachable: the reference runs everywhere")
 
 
+# (op, device type, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
+_chosen: dict[tuple, tuple[Backend, str, _extension.ExtensionStatus]] = {}
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend ``op`` runs for ``dtype`` tensors on ``device``; warns once when it is a fallback."""
-    backend, notes = _select(op, device.type, dtype, _environment())
-    if notes:
+    """The backend ``op`` runs for ``dtype`` tensors on ``device``; warns once when it is a fallback.
+
+    Runs on every call: the environment is read each time (tests and users change it), the choice is cached.
+    """
+    forced = os.environ.get("VPFAST_BACKEND")
+    key = (op, device.type, dtype, forced, forced and os.environ.get("TRITON_INTERPRET"))
+    status = _extension.status()
+    entry = _chosen.get(key)
+    if entry is None or entry[2] is not status:  # a reloaded extension status invalidates the choice
+        entry = (*_select(op, device.type, dtype, forced_backend()), status)
+        _chosen[key] = entry
+    if entry[1]:
         warn_once(f"{op}:{device.type}:{dtype}", f"vpfast: {op} with {_dtype_name(dtype)} {device.type} tensors "
-                                                 f"runs the {backend.name} backend ({notes})")
-    return backend
+                                                 f"runs the {entry[0].name} backend ({entry[1]})")
+    return entry[0]
 
 
 def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -182,7 +185,7 @@ def describe(op: str, device_type: str) -> str:
     groups: dict[str, list[str]] = {}
     for dtype in OPS[op][-1].dtypes:
         try:
-            backend, notes = _select(op, device_type, dtype, _environment())
+            backend, notes = _select(op, device_type, dtype, forced_backend())
             entry = backend.name + (f" ({notes})" if notes else "")
         except BackendError as exc:
             entry = f"error: {exc.why}"

@@ -67,41 +67,70 @@ def _unboxed(opdef: OpDef, fn: Callable) -> Callable:
 
 
 class Op:
-    """A defined op: ``op(tensors, options)`` runs it; ``op.kernel`` is its backend kernel."""
+    """A defined op: ``op(tensors, options)`` runs it.
 
-    def __init__(self, opdef: OpDef, kernel: Callable):
+    ``select(*tensors, options)`` picks its backend (vpfast/ops/_dispatch.py) and ``method`` names the
+    backend's implementation it runs ("forward", or "backward" for a backward op).
+    """
+
+    def __init__(self, opdef: OpDef, select: Callable, method: str):
         self.opdef = opdef
-        self.kernel = kernel
+        self.select = select
+        self.method = method
         self.dispatched = getattr(torch.ops.vpfast, opdef.name).default
-        self.autograd: Callable | None = None  # (tensors, options, run) -> output, set by register_autograd
+        # Set by register_autograd: whether a call records a graph node, and the autograd.Function that does.
+        self.records: Callable[[tuple], bool] = _never
+        self.function: type[torch.autograd.Function] | None = None
+
+    def kernel(self, *args):
+        """The op's kernel on every device: its backend's implementation (``args``: tensors, then the options)."""
+        return getattr(self.select(*args), self.method)(*args)
 
     def below_autograd(self, *args):
-        """The op below the Autograd keys, through the dispatcher (``args``: tensors, then options)."""
+        """The op below the Autograd keys, through the dispatcher (``args``: tensors, then the options)."""
         with _torch_shim.below_autograd():
             return self.dispatched(*args)
-
-    def direct(self, *args):
-        """The backend kernel below the Autograd keys, called directly (``args``: tensors, then the options)."""
-        with _torch_shim.below_autograd():
-            return self.kernel(*args)
 
     def __call__(self, tensors: tuple, options: NamedTuple):
         if not _torch_shim.plain_eager(tensors):
             return self.dispatched(*tensors, *options)
-        if self.autograd is None:
-            return self.direct(*tensors, options)
-        return self.autograd(tensors, options, self.direct)
+        if self.records(tensors):  # the Function's forward runs with grad mode off: no graph inside
+            return self.function.apply(*tensors, options, self.select(*tensors, options))
+        with _torch_shim.below_autograd():
+            return self.kernel(*tensors, options)
 
 
-def define(opdef: OpDef, kernel: Callable, fake: Callable) -> Op:
-    """Define ``opdef`` with ``kernel`` for every device (it selects its backend itself) and ``fake``.
+def _never(tensors: tuple) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class _Redispatch:
+    """Stands in for the backend in the Autograd kernel: the forward goes back through the dispatcher."""
+
+    forward: Callable
+    backward: None = None
+
+
+def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forward") -> Op:
+    """Define ``opdef``: its kernel runs ``select(*tensors, options).<method>`` on every device; ``fake``.
 
     As with ``custom_op``, torch.compile keeps the op opaque and never traces the kernel's frames.
     """
     LIB.define(opdef.schema(), tags=(torch.Tag.pt2_compliant_tag,))
-    LIB.impl(opdef.name, torch.compiler.disable(_unboxed(opdef, kernel)), "CompositeExplicitAutograd")
+    op = Op(opdef, select, method)
+    LIB.impl(opdef.name, torch.compiler.disable(_unboxed(opdef, op.kernel)), "CompositeExplicitAutograd")
     torch.library.register_fake(opdef.qualname, _unboxed(opdef, fake), lib=LIB)
-    return Op(opdef, kernel)
+    return op
+
+
+def call_backward(ctx: Any, op: Op, tensors: tuple, options: NamedTuple):
+    """Run the backward op ``op`` from an autograd ``backward``: in plain eager mode directly on the backend
+    the forward ran (saved by the Function's forward as ``ctx.backend``), else through ``op``."""
+    backward = ctx.backend.backward
+    if backward is not None and _torch_shim.plain_eager(tensors):
+        return backward(*tensors, options)
+    return op(tensors, options)
 
 
 def declare(opdef: OpDef) -> Callable:
@@ -121,35 +150,45 @@ def register_autograd(
 
     ``setup_context(ctx, tensors, options, output)`` saves what ``backward(ctx, *grads)`` needs;
     ``backward`` returns one gradient per position in ``differentiable`` (the tensor arguments that
-    can take one). When none of them requires a gradient (or grad mode is off) the op runs without
-    recording a graph node.
+    can take one), computed with :func:`call_backward`. When none of them requires a gradient (or grad
+    mode is off) the op runs without recording a graph node.
     """
     count = len(op.opdef.tensors)
 
-    def forward(ctx, *args):  # args: the tensors, the options, the runner
-        output = args[-1](*args[:-1])
+    def forward(ctx, *args):  # args: the tensors, the options, the backend
+        backend = args[-1]
+        ctx.backend = backend
+        output = backend.forward(*args[:-1])
         setup_context(ctx, args[:count], args[count], output)
         return output
 
     def backward_all(ctx, *grads):
-        out: list = [None] * (count + 2)  # the tensors, then the options and the runner
+        out: list = [None] * (count + 2)  # the tensors, then the options and the backend
         for position, grad in zip(differentiable, backward(ctx, *grads), strict=True):
             out[position] = grad
         return tuple(out)
 
-    # Named per op, so grad_fn reads vpfast_<name>Backward.
-    function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
-
-    def autograd(tensors: tuple, options: NamedTuple, run: Callable):
+    def records(tensors: tuple) -> bool:
         if torch.is_grad_enabled():
             for i in differentiable:  # a loop, not any(): this runs on every call
                 if tensors[i] is not None and tensors[i].requires_grad:
-                    return function.apply(*tensors, options, run)
-        return run(*tensors, options)
+                    return True
+        return False
+
+    # Named per op, so grad_fn reads vpfast_<name>Backward.
+    op.function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
+                       {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
+    op.records = records
 
     def below(*args):
         return op.below_autograd(*args[:count], *args[count])
 
-    op.autograd = autograd
-    LIB.impl(op.opdef.name, _unboxed(op.opdef, lambda *a: autograd(a[:-1], a[-1], below)), "Autograd")
+    redispatch = _Redispatch(below)
+
+    def autograd_kernel(*args):
+        tensors, options = args[:-1], args[-1]
+        if records(tensors):
+            return op.function.apply(*tensors, options, redispatch)
+        return below(*tensors, options)
+
+    LIB.impl(op.opdef.name, _unboxed(op.opdef, autograd_kernel), "Autograd")

@@ -376,9 +376,8 @@ _dispatch.register("compose", (
 ))
 
 
-def _compose_kernel(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
-    backend = _dispatch.select("compose", images.device, prompt.dtype)
-    return backend.forward(images, prompt, mask, mean, std, transform, options)
+def _select(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> _dispatch.Backend:
+    return _dispatch.select("compose", images.device, prompt.dtype)
 
 
 def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
@@ -388,9 +387,8 @@ def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOp
                        memory_format=memory_format)
 
 
-def _compose_backward_kernel(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
-    backend = _dispatch.select("compose", grad_out.device, options.prompt_dtype)
-    return backend.backward(grad_out, mask, std, transform, options)
+def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
+    return _dispatch.select("compose", grad_out.device, options.prompt_dtype)
 
 
 def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
@@ -404,9 +402,9 @@ def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor]:
-    return (compose_backward_op((grad, *ctx.saved_tensors), ctx.grad_options),)
+    return (_library.call_backward(ctx, compose_backward_op, (grad, *ctx.saved_tensors), ctx.grad_options),)
 
 
-compose_op = _library.define(COMPOSE, _compose_kernel, _compose_fake)
-compose_backward_op = _library.define(COMPOSE_BACKWARD, _compose_backward_kernel, _compose_backward_fake)
+compose_op = _library.define(COMPOSE, _select, _compose_fake)
+compose_backward_op = _library.define(COMPOSE_BACKWARD, _select_backward, _compose_backward_fake, method="backward")
 _library.register_autograd(compose_op, _backward, _setup_context, differentiable=(1,))

@@ -266,16 +266,16 @@ _dispatch.register("token_mix", (
 ))
 
 
-def _kernel(logits, library, options: TokenMixOptions) -> torch.Tensor:
-    return _dispatch.select("token_mix", logits.device, logits.dtype).forward(logits, library, options)
+def _select(logits, library, options: TokenMixOptions) -> _dispatch.Backend:
+    return _dispatch.select("token_mix", logits.device, logits.dtype)
 
 
 def _fake(logits, library, options: TokenMixOptions) -> torch.Tensor:
     return logits.new_empty((logits.shape[0], logits.shape[1], library.shape[1]))
 
 
-def _backward_kernel(grad, logits, library, options: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dispatch.select("token_mix", logits.device, logits.dtype).backward(grad, logits, library, options)
+def _select_backward(grad, logits, library, options: TokenMixOptions) -> _dispatch.Backend:
+    return _dispatch.select("token_mix", logits.device, logits.dtype)
 
 
 def _backward_fake(grad, logits, library, options: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,9 +288,9 @@ def _setup_context(ctx, tensors: tuple, options: TokenMixOptions, output) -> Non
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return token_mix_backward_op((grad, *ctx.saved_tensors), ctx.options)
+    return _library.call_backward(ctx, token_mix_backward_op, (grad, *ctx.saved_tensors), ctx.options)
 
 
-token_mix_op = _library.define(TOKEN_MIX, _kernel, _fake)
-token_mix_backward_op = _library.define(TOKEN_MIX_BACKWARD, _backward_kernel, _backward_fake)
+token_mix_op = _library.define(TOKEN_MIX, _select, _fake)
+token_mix_backward_op = _library.define(TOKEN_MIX_BACKWARD, _select_backward, _backward_fake, method="backward")
 _library.register_autograd(token_mix_op, _backward, _setup_context, differentiable=(0, 1))
