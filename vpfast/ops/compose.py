@@ -142,8 +142,8 @@ def compose(
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if images.dtype not in IMAGE_DTYPES:
         raise ValueError(f"images must have a dtype in {IMAGE_DTYPES}, got {images.dtype}")
-    batch, channels, _, _ = images.shape
-    if batch < 1 or images.shape[2] < 1 or images.shape[3] < 1:
+    batch, channels, height, width = images.shape
+    if batch < 1 or height < 1 or width < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 3 or prompt.shape[0] != channels \
             or prompt.shape[1] != prompt.shape[2]:
@@ -151,8 +151,9 @@ def compose(
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
     if prompt.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
-    if prompt.device != images.device:
-        raise ValueError(f"prompt is on {prompt.device} but images are on {images.device}")
+    device = images.device
+    if prompt.device != device:
+        raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
     size = prompt.shape[1]
     check_int("inner_size", inner_size)
     if not 0 < inner_size <= size:
@@ -170,8 +171,8 @@ def compose(
     if mask is not None:
         if mask.shape != (size, size):
             raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
-        if mask.device != images.device:
-            raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but images are on {device}")
         if mask.dtype != prompt.dtype:
             mask = mask.to(prompt.dtype)
     check_finite("fill", fill)
@@ -179,14 +180,14 @@ def compose(
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
     check_choice("grad_region", grad_region, GRAD_REGIONS)
     check_choice("grad_norm", grad_norm, GRAD_NORMS)
-    mean_t = channel_vector("mean", mean, channels, images.device)
-    std_t = channel_vector("std", std, channels, images.device, nonzero=True)
+    mean_t = channel_vector("mean", mean, channels, device)
+    std_t = channel_vector("std", std, channels, device, nonzero=True)
     if transform is not None:
-        if transform.device != images.device and transform.device.type != "cpu":
-            raise ValueError(f"transform is on {transform.device} but images are on {images.device}")
+        if transform.device != device and transform.device.type != "cpu":
+            raise ValueError(f"transform is on {transform.device} but images are on {device}")
         if _host_values(transform):
             check_transform(transform, batch, size)
-        transform = transform.to(device=images.device, dtype=torch.int32, non_blocking=True).contiguous()
+        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
         out_dtype = prompt.dtype
     check_choice("out_dtype", out_dtype, OUT_DTYPES)
