@@ -343,8 +343,8 @@ def _reference_forward(images, prompt, mask, mean, std, transform, o: ComposeOpt
     layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
                           o.prompt_space)
-    if y.dtype == o.out_dtype and not o.channels_last:
-        return y  # compose_reference returns a contiguous tensor; .to would be a no-op, at a cost per call
+    if y.dtype == o.out_dtype and not o.channels_last and y.is_contiguous():
+        return y  # .to would be a no-op, at a cost per call
     return y.to(dtype=o.out_dtype, memory_format=torch.channels_last if o.channels_last else torch.contiguous_format)
 
 
