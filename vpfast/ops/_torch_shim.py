@@ -1,9 +1,9 @@
 """The private torch APIs vpfast's op layer uses, each behind one function.
 
-Tested on torch 2.14.1 (``TESTED_TORCH``; vpfast's stable-ABI extension targets torch >= 2.10, where
-these functions also exist but have not been run by these tests). tests/test_op_registration.py checks
-each one's behaviour, so a torch release that changes one fails there, in one place. Everything else
-in vpfast/ops uses public torch APIs only.
+Works on torch 2.14.1, the version tests/test_op_registration.py has run on (vpfast's extension loads on
+torch >= 2.10; the shim has not been tested there). Those tests check each function's behaviour, so a
+torch release that changes one fails there, in one place. Everything else in vpfast/ops uses public
+torch APIs only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager
 
 import torch
 
-TESTED_TORCH = ("2.14",)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
