@@ -35,7 +35,7 @@ FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, ga
 FORWARD_FRAME_BUDGET = 6  # tiles wholly in the frame: the term, converted and stored
 FORWARD_TRANSFORM_BUDGET = 300
 BACKWARD_BUDGET = 12
-BACKWARD_TRANSFORM_BUDGET = 160
+BACKWARD_TRANSFORM_BUDGET = 110
 TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
 # contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
@@ -294,32 +294,48 @@ def _transform_weight(q, r, size, S, scale):
 
 
 @triton.jit
+def _adjoint_table_kernel(a_ptr, t_ptr, S, B, BLOCK: tl.constexpr, KT: tl.constexpr):
+    """Per sample and canvas index q, the adjoint of the per-sample resize along one axis: the first resized
+    index r0 that may read q and the weights with which r0, ..., r0 + KT - 1 read it, as KT + 1 floats.
+
+    Resized index r reads q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5), inv = size / S <= 1.
+    """
+    q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = q < S
+    for b in tl.range(tl.program_id(1), B, tl.num_programs(1), loop_unroll_factor=1):
+        size = tl.load(t_ptr + b * 4)
+        scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
+        inv = size.to(tl.float32) / S.to(tl.float32)
+        lo = tl.floor((q.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32)
+        row = a_ptr + (tl.cast(b, tl.int64) * S + q) * (KT + 1)
+        tl.store(row, lo.to(tl.float32), mask=valid)
+        for j in tl.static_range(KT):
+            tl.store(row + 1 + j, _transform_weight(q, lo + j, size, S, scale_t), mask=valid)
+
+
+@triton.jit
 def _sample_grad(
-    gc_ptr, sgh, sgw, t_ptr, b, Y, X, valid, S,
+    gc_ptr, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S,
     HAS_TRANSFORM: tl.constexpr, KT: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One channel of sample b's gradient with respect to the canvas before the transform, on the tile."""
     if HAS_TRANSFORM:
-        size = tl.load(t_ptr + b * 4)
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
         flip = tl.load(t_ptr + b * 4 + 3)
-        scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
-        inv = size.to(tl.float32) / S.to(tl.float32)
-        qx = tl.where(flip != 0, S - 1 - X, X)
-        # resized index r reads canvas index q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5)
-        ylo = tl.floor((Y.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32)
-        xlo = tl.floor((qx.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32)
+        qx = tl.minimum(tl.maximum(tl.where(flip != 0, S - 1 - X, X), 0), S - 1)
+        ya = a_ptr + (tl.cast(b, tl.int64) * S + tl.minimum(Y, S - 1)) * (KT + 1)
+        xa = a_ptr + (tl.cast(b, tl.int64) * S + qx) * (KT + 1)
+        ylo = tl.load(ya).to(tl.int32)
+        xlo = tl.load(xa).to(tl.int32)
         acc = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
-        for jy in tl.range(KT, loop_unroll_factor=1):  # rolled: the column weights stay in registers across it
-            ry = ylo + jy
-            wy = tl.where(Y < S, _transform_weight(Y, ry, size, S, scale_t), 0.0)
-            gy = tl.minimum(tl.maximum(ty + ry, 0), S - 1)
+        for jy in tl.range(KT, loop_unroll_factor=1):  # rolled: fewer registers, the column weights stay
+            wy = tl.where(Y < S, tl.load(ya + 1 + jy), 0.0)
+            gy = tl.minimum(tl.maximum(ty + ylo + jy, 0), S - 1)
             row = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
             for jx in tl.static_range(KT):
-                rx = xlo + jx
-                wx = tl.where(X < S, _transform_weight(qx, rx, size, S, scale_t), 0.0)
-                gx = tl.minimum(tl.maximum(tx + rx, 0), S - 1)
+                wx = tl.where(X < S, tl.load(xa + 1 + jx), 0.0)
+                gx = tl.minimum(tl.maximum(tx + xlo + jx, 0), S - 1)
                 v = tl.load(gc_ptr + _offsets(gy, sgh, gx, sgw, WIDE))
                 row += wx[None, :] * v.to(tl.float32)
             acc += wy[:, None] * row
@@ -342,7 +358,7 @@ def _grad_scale(m_ptr, Y, X, valid, std, cidx, c: tl.constexpr, S, HAS_MASK: tl.
 
 @triton.jit
 def _compose_bwd_norm_kernel(
-    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, sgb, sgc, sgh, sgw, S, B, n_col_tiles, n_tiles,
+    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, n_col_tiles, n_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, L2: tl.constexpr,
     WIDE: tl.constexpr,
@@ -355,7 +371,7 @@ def _compose_bwd_norm_kernel(
         part = 0.0
         for c in tl.static_range(C):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
             g = g * _grad_scale(m_ptr, Y, X, valid, std, cidx, c, S, HAS_MASK, HAS_STD)
             part += tl.sum(tl.sum(g * g if L2 else tl.abs(g), axis=1), axis=0)
         tl.store(part_ptr + tl.cast(b, tl.int64) * n_tiles + tl.program_id(0), part)
@@ -363,7 +379,7 @@ def _compose_bwd_norm_kernel(
 
 @triton.jit
 def _compose_bwd_accum_kernel(
-    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, sgb, sgc, sgh, sgw, S, B, per_chunk, n_col_tiles,
+    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, per_chunk, n_col_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_COEF: tl.constexpr,
     WIDE: tl.constexpr,
@@ -380,7 +396,7 @@ def _compose_bwd_accum_kernel(
         acc = tl.zeros([ROWS, BW], tl.float32)
         for b in tl.range(b_start, b_end, loop_unroll_factor=1):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
             if HAS_COEF:
                 g = g * tl.load(coef_ptr + b)
             acc += g
@@ -487,10 +503,12 @@ def compose_forward(images, prompt, mask, mean, std, transform, inner, oy, ox, f
 
 def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
                       norm_part: torch.Tensor, coef: torch.Tensor, accum_part: torch.Tensor,
-                      programs_wanted: int | None = None) -> list[Launch]:
-    """The backward launches: the per-sample norm pass (when ``grad_norm`` asks) and the accumulation.
+                      table: torch.Tensor | None = None, programs_wanted: int | None = None) -> list[Launch]:
+    """The backward launches: the transform's adjoint table (with a transform), the per-sample norm pass
+    (when ``grad_norm`` asks) and the accumulation.
 
-    ``norm_part`` is (B, tiles) and ``accum_part`` (chunks, C, S, S), chunks <= min(B, MAX_GRID_Y).
+    ``norm_part`` is (B, tiles), ``accum_part`` (chunks, C, S, S), chunks <= min(B, MAX_GRID_Y), and
+    ``table`` (B, S, TRANSFORM_TAPS + 1) float32 with a transform.
     """
     batch, channels, size, _ = grad_out.shape
     rows, columns = tile_shape(size)
@@ -504,8 +522,15 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
                   HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None,
                   WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS,
                   enable_fp_fusion=transform is None)
-    pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform)
+    pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform,
+                dummy if transform is None else table)
     launches = []
+    if transform is not None:
+        block = min(256, triton.next_power_of_2(size))
+        launches.append(Launch(
+            _adjoint_table_kernel, (triton.cdiv(size, block), batch_programs(batch, triton.cdiv(size, block), wanted)),
+            (table, transform, size, batch), dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS),
+        ))
     if grad_norm != "none":
         launches.append(Launch(
             _compose_bwd_norm_kernel, (tiles, batch_programs(batch, tiles, wanted)),
@@ -541,8 +566,13 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
     norm_part = _empty((batch, tiles), dtype=torch.float32, device=device)
     coef = _empty((batch,), dtype=torch.float32, device=device)
     accum_part = _empty((n_chunks, channels, size, size), dtype=torch.float32, device=device)
-    *norm_pass, accum_pass = backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
-                                               grad_norm, norm_part, coef, accum_part)
+    table = None if transform is None else _empty((batch, size, TRANSFORM_TAPS + 1), dtype=torch.float32,
+                                                  device=device)
+    launches = backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, norm_part,
+                                 coef, accum_part, table)
+    if transform is not None:
+        launches.pop(0).run()
+    *norm_pass, accum_pass = launches
     for launch in norm_pass:
         launch.run()
         total = norm_part.sum(1)
@@ -616,22 +646,25 @@ def aot_cases(capability: int) -> list[AotCase]:
         for transform in (None, t_rows):
             for grad_norm in ("none", "sample_l2"):
                 launches = backward_launches(grad, mask, vec, transform, "pixel", "prompt", grad_norm,
-                                             torch.empty(batch, 1), torch.empty(batch), torch.empty(1, 3, size, size))
+                                             torch.empty(batch, 1), torch.empty(batch), torch.empty(1, 3, size, size),
+                                             torch.empty(batch, size, TRANSFORM_TAPS + 1))
                 vector = grad_name == "bf16" and transform is None
-                for launch in launches:
+                if transform is not None and grad_norm == "none" and grad_name == "bf16":
+                    cases.append(AotCase("bwd adjoint table", launches[0]))
+                for launch in launches[1 if transform is not None else 0:]:
                     kind = "norm" if launch.kernel is _compose_bwd_norm_kernel else "accum"
                     name = f"bwd-{kind} {grad_name} {grad_norm}" + (" transform" if transform is not None else "")
                     paths = None
-                    if grad_name == "bf16":  # norm: 3 channels per iteration, accumulation: 1, and the coefficient
-                        grads = KT2 * per_thread if transform is not None else accesses(16)
-                        if kind == "norm":
-                            design = (3 * per_thread, 3 * grads + accesses(32) + 1)  # + mask, partial sum
-                        else:
-                            design = (per_thread, grads + (grad_norm != "none"))
-                        if transform is not None:
-                            design = (design[0], design[1] + 4)  # the transform row
-                        budget = BACKWARD_TRANSFORM_BUDGET if transform is not None else BACKWARD_BUDGET
-                        paths = {"sample": LoopDesign(*design, budget, TRANSFORM_TAPS if transform is not None else 1)}
+                    if grad_name == "bf16" and transform is None:  # norm: 3 channels per pass, accumulation: 1
+                        if kind == "norm":  # + the mask and the partial sum
+                            design = LoopDesign(3 * per_thread, 3 * accesses(16) + accesses(32) + 1, BACKWARD_BUDGET)
+                        else:  # + the coefficient
+                            design = LoopDesign(per_thread, accesses(16) + (grad_norm != "none"), BACKWARD_BUDGET)
+                        paths = {"sample": design}
+                    elif grad_name == "bf16":  # counted by the 16-bit gathers: 3 x 3 per pixel
+                        reads = (3 if kind == "norm" else 1) * KT2 * per_thread
+                        paths = {"sample": LoopDesign(reads // KT2, reads, BACKWARD_TRANSFORM_BUDGET,
+                                                      inner_trips=TRANSFORM_TAPS, bits=16)}
                     cases.append(AotCase(name, launch, min_load_bits=128 if vector else None,
                                          min_store_bits=128 if kind == "accum" else None, sass_paths=paths))
     return cases
