@@ -8,9 +8,12 @@ inside a sample, and the per-channel gain. A 64-bit base pointer per sample and 
 the batch and channel offsets; offsets inside a sample are 32-bit unless a sample spans 2**31
 elements (WIDE). The batch-invariant part of the output (prompt, mask, fill, mean and std) is one
 (C, S, S) term computed once per call by ``_compose_term_kernel``; tiles that lie wholly in the
-frame copy it without reading the image. Backward: the prompt gradient in one pass over the
-incoming gradient (two for the per-sample norms), accumulated in float32. Interpolation follows
-ATen's float32 formulas (align_corners=False), the antialiased ones included.
+frame copy it without reading the image. With the per-sample transform, the corner and image taps
+multiply per row and per column. Backward: the prompt gradient in one pass over the incoming
+gradient (two for the per-sample norms), accumulated in float32; the transform's adjoint reads
+3 x 3 candidates per pixel from a per-sample table. Interpolation follows ATen's float32 formulas
+(align_corners=False), the antialiased ones included. The aot tier (vpfast/aot.py) holds each
+loop over the batch to a budget of SASS instructions per output element (the *_BUDGET constants).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 # SASS instructions per output element allowed in the aot tier (aot.py, sass_per_output), per loop over the batch
 FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, gain and term
 FORWARD_FRAME_BUDGET = 6  # tiles wholly in the frame: the term, converted and stored
-FORWARD_TRANSFORM_BUDGET = 300
+FORWARD_TRANSFORM_BUDGET = 220
 BACKWARD_BUDGET = 12
 BACKWARD_TRANSFORM_BUDGET = 110
 TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
@@ -43,12 +46,10 @@ TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjo
 # output by 5e-5 of its range on an H100 before this.
 
 
-def tile_shape(size: int, half: bool = False) -> tuple[int, int]:
-    """(rows, columns) of a program's tile on an S x S canvas: whole rows up to 256 columns, TILE pixels, or
-    half as many for the forwards that need more registers per pixel (the per-sample transform, strided
-    per-element stores to a channels_last output)."""
+def tile_shape(size: int, pixels: int = TILE) -> tuple[int, int]:
+    """(rows, columns) of a program's tile of ``pixels`` on an S x S canvas: whole rows up to 256 columns."""
     columns = min(triton.next_power_of_2(size), 256)
-    return max(1, (TILE // 2 if half else TILE) // columns), columns
+    return max(1, pixels // columns), columns
 
 
 # --------------------------------------------------------------------------- interpolation taps
@@ -133,7 +134,7 @@ def _offsets(rows, row_stride, cols, col_stride, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _channel(vec, cidx, c: tl.constexpr):
+def _channel(vec, cidx, c):
     """Element ``c`` of a per-channel vector held in registers (no memory access)."""
     return tl.sum(tl.where(cidx == c, vec, 0.0), axis=0)
 
@@ -197,9 +198,9 @@ def _compose_term_kernel(
 def _canvas_value(
     xc_ptr, term_c_ptr, gain, rows, cols, sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
-    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr, TERM_GATHER: tl.constexpr,
+    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One channel of the canvas (before the per-sample transform) at canvas rows x cols, all in range."""
+    """One channel of the canvas (before the per-sample transform) on the tile's rows x cols."""
     acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for ky in tl.range(KH, loop_unroll_factor=KH if KH <= 4 else 1):  # unrolled unless antialiased
         iy, wy = _image_tap(rows - oy, ky, s, H, scale_h, KH, Y_BICUBIC, Y_AA)
@@ -209,19 +210,49 @@ def _canvas_value(
             v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
             row += wx[None, :] * v.to(tl.float32)
         acc += wy[:, None] * row
-    term_offs = rows[:, None] * S + cols[None, :]
-    if TERM_GATHER:
-        term = tl.load(term_c_ptr + term_offs)
-    else:
-        term = tl.load(term_c_ptr + term_offs, mask=(rows < S)[:, None] & (cols < S)[None, :], other=0.0)
+    term = tl.load(term_c_ptr + rows[:, None] * S + cols[None, :], mask=(rows < S)[:, None] & (cols < S)[None, :],
+                   other=0.0)
     return acc * gain + term
+
+
+@triton.jit
+def _transformed_value(
+    xc_ptr, term_c_ptr, gain, ry, rx, flip, scale_t, sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w,
+    KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
+    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr,
+):
+    """One channel after the per-sample transform at resized rows ry x columns rx: the bilinear corners of the
+    canvas, each the image's taps times gain plus the term, flattened into products of per-row and per-column
+    weights (the corner's times the image tap's), so every tap is computed once per row or column."""
+    term = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
+    for cy in tl.static_range(2):
+        py, wy = _tap(ry, cy, S, scale_t, False, False)
+        for cx in tl.static_range(2):
+            px, wx = _tap(rx, cx, S, scale_t, False, False)
+            px = tl.where(flip != 0, S - 1 - px, px)
+            term += (wy[:, None] * wx[None, :]) * tl.load(term_c_ptr + py[:, None] * S + px[None, :])
+    image = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
+    for cy in tl.static_range(2):
+        py, wy = _tap(ry, cy, S, scale_t, False, False)
+        for ky in tl.range(KH, loop_unroll_factor=KH if KH <= 4 else 1):
+            iy, wiy = _image_tap(py - oy, ky, s, H, scale_h, KH, Y_BICUBIC, Y_AA)
+            row = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
+            for cx in tl.static_range(2):
+                px, wx = _tap(rx, cx, S, scale_t, False, False)
+                px = tl.where(flip != 0, S - 1 - px, px)
+                for kx in tl.range(KW, loop_unroll_factor=KW if KW <= 4 else 1):
+                    ix, wix = _image_tap(px - ox, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
+                    v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
+                    row += (wx * wix)[None, :] * v.to(tl.float32)
+            image += (wy * wiy)[:, None] * row
+    return image * gain + term
 
 
 @triton.jit
 def _compose_fwd_kernel(
     out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr,
     B, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-    H, W, S, s, oy, ox, scale_h, scale_w, fill, n_col_tiles,
+    H, W, S, s, oy, ox, scale_h, scale_w, fill, n_col_tiles, channels,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
     X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr,
@@ -248,17 +279,12 @@ def _compose_fwd_kernel(
             ry = Y - ty
             rx = X - tx
             placed = ((ry >= 0) & (ry < size))[:, None] & ((rx >= 0) & (rx < size))[None, :]
-            for c in tl.static_range(C):
+            for c in tl.range(channels, loop_unroll_factor=1):  # a runtime count keeps it rolled: the taps
+                # stay in registers across the channels instead of three unrolled copies
                 xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
-                y = tl.zeros([ROWS, BW], tl.float32)
-                for corner in tl.range(4, loop_unroll_factor=1):  # the bilinear corners, rolled: fewer registers
-                    py, wy = _tap(ry, corner // 2, S, scale_t, False, False)
-                    px, wx = _tap(rx, corner % 2, S, scale_t, False, False)
-                    px = tl.where(flip != 0, S - 1 - px, px)
-                    v = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), py, px, sxh, sxw,
-                                      H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
-                                      X_BICUBIC, X_AA, WIDE, True)
-                    y += (wy[:, None] * wx[None, :]) * v
+                y = _transformed_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), ry, rx, flip, scale_t,
+                                       sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
+                                       X_BICUBIC, X_AA, WIDE)
                 y = tl.where(placed, y, _channel(background, cidx, c))
                 ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
                 tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
@@ -269,7 +295,7 @@ def _compose_fwd_kernel(
                     xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
                     y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sxw,
                                       H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
-                                      X_BICUBIC, X_AA, WIDE, False)
+                                      X_BICUBIC, X_AA, WIDE)
                     ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
                     tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
         else:  # a tile wholly in the frame: the term alone
@@ -468,7 +494,10 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
     size = out.shape[-1]
     kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
     kw, x_bicubic, x_aa = _axis(width, inner, mode, antialias)
-    rows, columns = tile_shape(size, transform is not None or not out.is_contiguous())
+    # fewer pixels per thread where the forward needs more registers per pixel: 2 with the per-sample transform
+    # (20 gathers per pixel and channel), 4 for strided per-element stores to a channels_last output
+    pixels = TILE // 4 if transform is not None else TILE // 2 if not out.is_contiguous() else TILE
+    rows, columns = tile_shape(size, pixels)
     n_col_tiles = triton.cdiv(size, columns)
     tiles = triton.cdiv(size, rows) * n_col_tiles
     wanted = _programs_wanted(out.device) if programs_wanted is None else programs_wanted
@@ -477,7 +506,7 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
         out, images, term, dummy if mean is None else mean, dummy if std is None else std,
         dummy if transform is None else transform,
         batch, *images.stride(), *out.stride(),
-        height, width, size, inner, oy, ox, height / inner, width / inner, float(fill), n_col_tiles,
+        height, width, size, inner, oy, ox, height / inner, width / inner, float(fill), n_col_tiles, channels,
     )
     constexprs = dict(
         C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KH=kh, KW=kw,
@@ -615,10 +644,9 @@ def aot_cases(capability: int) -> list[AotCase]:
                                 FORWARD_IMAGE_BUDGET),
             "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
 
-    def transformed(out_bits: int) -> dict:  # the row (4 ints), 3 x 4 corners x (4 image taps + term) + store
-        half = per_thread // 2  # the transform's tile is half as tall
-        design = LoopDesign(3 * half, 4 + 3 * (4 * 5 * half + max(1, half * out_bits // 128)),
-                            FORWARD_TRANSFORM_BUDGET, inner_trips=4)
+    def transformed() -> dict:  # the row (4 ints), 3 x (4 corners x (4 image taps + term) + a store of 2 pixels)
+        pixels = per_thread // 4  # the transform's tile is a quarter as tall; its loop over channels is rolled
+        design = LoopDesign(3 * pixels, 4 + 3 * (4 * 5 * pixels + 1), FORWARD_TRANSFORM_BUDGET, inner_trips=3)
         return dict(sass_paths={"transform": design})
 
     cases = [
@@ -631,9 +659,9 @@ def aot_cases(capability: int) -> list[AotCase]:
         AotCase("fwd f32 32px->f32 bilinear", fwd(small_f32, None, "bilinear", False, out(torch.float32)),
                 **plain(32)),
         AotCase("fwd u8->bf16 bilinear transform", fwd(u8, t_rows, "bilinear", False, out(torch.bfloat16)),
-                **transformed(16)),
+                **transformed()),
         AotCase("fwd f32->f32 bilinear transform", fwd(torch.empty(batch, 3, 224, 224), t_rows, "bilinear", False,
-                                                       out(torch.float32)), **transformed(32)),
+                                                       out(torch.float32)), **transformed()),
         AotCase("fwd f32 crop->f32 bicubic-aa", fwd(crop, None, "bicubic", True, out(torch.float32)), 128),
         AotCase("fwd u8->bf16 channels_last", fwd(u8.contiguous(memory_format=torch.channels_last), None,
                                                   "bilinear", False, out(torch.bfloat16, torch.channels_last)),
