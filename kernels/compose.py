@@ -37,7 +37,8 @@ MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, gain and term
 FORWARD_FRAME_BUDGET = 6  # tiles wholly in the frame: the term, converted and stored
 FORWARD_TRANSFORM_BUDGET = 220
-BACKWARD_BUDGET = 12
+BACKWARD_ACCUM_BUDGET = 5  # 1 128-bit load per 8 bf16 elements, 1 convert and 1 add (or FMA) each, loop control
+BACKWARD_NORM_BUDGET = 12  # all channels per sample and the sum over the tile (shuffles, shared memory) per sample
 BACKWARD_TRANSFORM_BUDGET = 110
 TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
@@ -685,9 +686,11 @@ def aot_cases(capability: int) -> list[AotCase]:
                     paths = None
                     if grad_name == "bf16" and transform is None:  # norm: 3 channels per pass, accumulation: 1
                         if kind == "norm":  # + the mask and the partial sum
-                            design = LoopDesign(3 * per_thread, 3 * accesses(16) + accesses(32) + 1, BACKWARD_BUDGET)
+                            design = LoopDesign(3 * per_thread, 3 * accesses(16) + accesses(32) + 1,
+                                                BACKWARD_NORM_BUDGET)
                         else:  # + the coefficient
-                            design = LoopDesign(per_thread, accesses(16) + (grad_norm != "none"), BACKWARD_BUDGET)
+                            design = LoopDesign(per_thread, accesses(16) + (grad_norm != "none"),
+                                                BACKWARD_ACCUM_BUDGET)
                         paths = {"sample": design}
                     elif grad_name == "bf16":  # counted by the 16-bit gathers: 3 x 3 per pixel
                         reads = (3 if kind == "norm" else 1) * KT2 * per_thread
