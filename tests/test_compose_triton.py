@@ -174,3 +174,11 @@ def test_adjoint_table_holds_every_resized_index_that_reads_a_canvas_index(size)
             rebuilt[lo + j + taps, torch.arange(size)] = table[b, :, 1 + j]
         assert (rebuilt[taps:taps + s] - matrix).abs().max() < 1e-6, (size, s)  # ATen rounds its lambdas its way
         assert not rebuilt[:taps].any() and not rebuilt[taps + s:].any()
+
+
+def test_canvas_wider_than_a_tile():
+    """S > 256: two column tiles per row (the second one partly off the canvas), frame-only tiles included.
+    One sample: the interpreter runs the ~130 programs one by one (the transform paths took 15 min)."""
+    case = Case(batch=1, size=260, inner=200, height=9, width=7, dtype=torch.uint8)
+    check_forward(case, "cpu", seed=21)
+    check_backward(case, "cpu", 24, "prompt", "sample_l1", torch.bfloat16, "channels_last")
