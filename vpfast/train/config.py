@@ -47,7 +47,7 @@ RECIPES = {"evp": ("normalized-sgd", 70.0, 0.0), "pad": ("sgd", 40.0, 0.9), "pat
 
 # What model_cfg may override in an open_clip config: numbers and flags only, so a run file cannot pass
 # loader arguments (weights_only, pretrained paths, hub names) into open_clip.create_model.
-_INT, _FLOAT, _BOOL, _LAYERS = "integer >= 1", "number >= 0", "true or false", "integer >= 1 or a list of them"
+_INT, _FLOAT, _BOOL, _LAYERS = "an integer >= 1", "a number >= 0", "true or false", "an integer >= 1 or a list of them"
 MODEL_CFG_SCHEMA: dict[str, object] = {
     "embed_dim": _INT,
     "quick_gelu": _BOOL,
@@ -320,7 +320,7 @@ def check_model_cfg(name: str, value: dict, schema: dict) -> None:
               _LAYERS: all(_is_int(n) and n >= 1 for n in numbers),
               _FLOAT: isinstance(item, int | float) and not isinstance(item, bool) and 0 <= item < math.inf}[kind]
         if not ok:
-            raise ValueError(f"{where} must be {'an' if kind[0] == 'i' else 'a'} {kind}, got {item!r}")
+            raise ValueError(f"{where} must be {kind}, got {item!r}")
 
 
 def _is_int(value: object) -> bool:
