@@ -202,11 +202,14 @@ def _add_selftest(commands: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from vpfast import demo
 
-    print(demo.format_table(demo.run(args.data, args.preset, args.out)))
+    print(demo.format_table(demo.run(args.data, args.preset, args.out, progress=sys.stderr.isatty(),
+                                     threads=args.threads)))
     return 0
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from vpfast import demo
+
     parser = commands.add_parser("demo", help="prompt a real ImageNet model to classify real digits, offline",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="mnist", choices=("mnist", "digits", "fashion-mnist"),
@@ -214,6 +217,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default="quick", choices=("quick", "long"),
                         help="quick: 112 px canvas, 1,536 images, one epoch; long: all 3,600 training images, 8 epochs")
     parser.add_argument("--out", default="runs/demo", help="directory for the runs and demo.json")
+    parser.add_argument("--threads", type=int, default=demo.THREADS,
+                        help="CPU threads; the accuracies are reproducible for a given count, and the README's are "
+                             "at the default")
     parser.set_defaults(handler=_demo)
 
 

@@ -148,11 +148,13 @@ def build_run(cfg: TrainConfig, device: torch.device):
     return model.to(device), (train, val, test), classes
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, mapping: torch.Tensor | None = None) -> dict:
     """Train a prompt as ``cfg`` says; returns (and writes to ``<out>/results.json``) the final figures.
 
     With ``resume`` the run continues from ``<out>/last`` exactly where it stopped. ``max_steps``
     stops early after saving a checkpoint (that is how an interruption is simulated in tests).
+    ``mapping``: a frequency label mapping counted beforehand (``vpfast demo`` counts one per backbone),
+    used instead of counting one before the first epoch.
     """
     cfg = cfg.resolved()
     rank, world = _distributed()
@@ -163,6 +165,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     main_rank = rank == 0
     progress = progress and main_rank
     model, (train_set, val_set, test_set), classes = build_run(cfg, device)
+    if mapping is not None:
+        model.mapping.mapping.copy_(mapping)
     columns = base_columns(cfg, len(classes))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0}
@@ -190,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             if state["step_in_epoch"] == 0 and model.mapping is not None and hasattr(model.mapping, "should_refresh") \
-                    and model.mapping.should_refresh(epoch):
+                    and model.mapping.should_refresh(epoch) and (epoch > 0 or mapping is None):
                 refresh_mapping(model, train_set, cfg, device, progress)
             model.train()
             order = data.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, start=state["step_in_epoch"],
