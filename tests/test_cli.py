@@ -142,3 +142,10 @@ def test_other_failures_keep_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["train", "--out", str(tmp_path / "run")])
+
+
+def test_demo_threads_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --threads: must be an integer >= 1, got '0'" in capsys.readouterr().err

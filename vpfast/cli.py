@@ -52,6 +52,12 @@ def _json_object(text: str) -> object:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from exc
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def flag_rows() -> list[tuple[str, str, str, str, str]]:
     """(group, flag, default, accepted values, description) of every ``vpfast train`` config flag, from the schema."""
     import dataclasses
@@ -217,7 +223,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default="quick", choices=("quick", "long"),
                         help="quick: 112 px canvas, 1,536 images, one epoch; long: all 3,600 training images, 8 epochs")
     parser.add_argument("--out", default="runs/demo", help="directory for the runs and demo.json")
-    parser.add_argument("--threads", type=int, default=demo.THREADS,
+    parser.add_argument("--threads", type=_positive_int, default=demo.THREADS, metavar="N",
                         help="CPU threads; the accuracies are reproducible for a given count, and the README's are "
                              "at the default")
     parser.set_defaults(handler=_demo)
