@@ -195,7 +195,7 @@ def _continue_command(out: Path) -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          hook: Callable[[str, dict], None] | None = None) -> dict | None:
+          hook: Callable[[str, dict], None] | None = None, mapping: torch.Tensor | None = None) -> dict | None:
     """Train a prompt as ``cfg`` says; returns (and writes to ``<out>/results.json``) the final figures.
 
     With ``resume`` the run continues from ``<out>/last`` exactly where it stopped; ``cfg`` must match the saved
@@ -205,6 +205,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     (an interrupted validation is redone on resume); any other exception saves ``last/`` and propagates.
     ``hook(event, state)`` runs after every optimizer step (``"step"``), validation batch (``"validation"``)
     and once training is done (``"trained"``). Under DDP, ranks other than 0 return None.
+    ``mapping``: a frequency label mapping counted beforehand (``vpfast demo`` counts one per backbone),
+    used instead of counting one before the first epoch.
     """
     cfg = cfg.resolved()
     out = Path(cfg.out)
@@ -219,6 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     main_rank = rank == 0
     progress = progress and main_rank
     model, (train_set, val_set, test_set), classes = build_run(cfg, device)
+    if mapping is not None:
+        model.mapping.mapping.copy_(mapping)
     columns = base_columns(cfg, len(classes))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0,
@@ -289,7 +293,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     break
                 epoch = state["epoch"]
                 if state["step_in_epoch"] == 0 and model.mapping is not None \
-                        and hasattr(model.mapping, "should_refresh") and model.mapping.should_refresh(epoch):
+                        and hasattr(model.mapping, "should_refresh") and model.mapping.should_refresh(epoch) \
+                        and (epoch > 0 or mapping is None):
                     refresh_mapping(model, train_set, cfg, device, progress)
                 model.train()
                 order = list(data.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch,
