@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpfast.ops.compose import check_choice
-from vpfast.train import provp
+from vpfast.train import fast, provp
 
 METHODS = ("evp", "pad", "patch", "pgn", "protuning", "provp", "vpt")
 PIXEL_METHODS = ("evp", "pad", "patch")  # methods whose prompt is a picture; the others see normalized images
@@ -79,6 +79,10 @@ class TrainConfig:
     test_limit: int | None = None
     seed: int = 0
     amp: str | None = None  # "bf16": backbone under bfloat16 autocast
+    precision: str = "auto"  # auto | fp32 | bf16: frozen weights in bf16 (auto: bf16 on CUDA, fp32 on the CPU)
+    compile: str = "auto"  # auto | on | off: torch.compile the frozen backbone (auto: on with CUDA)
+    cuda_graph: str = "auto"  # auto | on | off: the training step in CUDA graphs (auto: where supported)
+    data_device: str = "auto"  # auto | cpu | cuda: where in-memory datasets live (auto: the GPU if they fit)
     num_workers: int = 2
     log_every: int = 10
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
@@ -104,6 +108,7 @@ class TrainConfig:
         check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
         check_choice("label_mapping", cfg.label_mapping, LABEL_MAPPINGS)
         check_choice("amp", cfg.amp, (None, "bf16"))
+        fast.check(cfg)
         for name in ("epochs", "batch_size", "log_every", "block_ratio", "vit_stages"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")

@@ -345,6 +345,11 @@ def data_device(setting: str, device: torch.device, nbytes: int) -> torch.device
     return torch.device("cpu")
 
 
+def stored_on(dataset) -> str:
+    """Where batches of ``dataset`` come from: the device of in-memory images, or "loader"."""
+    return str(dataset.images.device) if isinstance(dataset, TensorImages) else "loader"
+
+
 def store(datasets, setting: str, device: torch.device) -> tuple[list, torch.device]:
     """(datasets, where): the in-memory ones moved to ``data_device(setting, device, their bytes)``."""
     nbytes = sum(d.nbytes for d in datasets if isinstance(d, TensorImages))

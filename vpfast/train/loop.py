@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from vpfast.train import checkpoint, data
+from vpfast.train import checkpoint, data, fast
 from vpfast.train.build import (
     PromptedClassifier,
     build_adapter,
@@ -30,6 +29,7 @@ from vpfast.train.build import (
 )
 from vpfast.train.config import PIXEL_METHODS, TrainConfig
 from vpfast.train.metrics import MetricsLog, plot
+from vpfast.train.step import TrainStep, graph_support, make_step
 
 
 def _distributed() -> tuple[int, int]:
@@ -139,9 +139,9 @@ def base_to_novel_accuracy(model: PromptedClassifier, test_set, num_classes: int
 def build_run(cfg: TrainConfig, device: torch.device):
     """(model, datasets, classes) for a resolved config; seeded, so random-weight backbones rebuild identically."""
     torch.manual_seed(cfg.seed)
-    # The CLIP head needs the class names first; image files are decoded at --image-size (224 by default)
-    # and resized to the prompter's inner size on the device.
-    train, val, test, classes = load_datasets(cfg, cfg.image_size or 224)
+    # The CLIP head needs the class names first; image files are decoded at the prompter's inner size.
+    train, val, test, classes = load_datasets(cfg, fast.decode_size(cfg))
+    (train, val, test), _ = data.store([train, val, test], cfg.data_device, device)
     backbone = build_backbone(cfg, classes, device)
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)),
                                build_tokens(cfg, backbone), build_adapter(cfg, backbone))
@@ -176,6 +176,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None) if world > 1 else model)
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None) if main_rank else None
+    step = TrainStep(ddp, optimizer, device, columns, model.auxiliary_loss)
+    why_not = graph_support(device, world, fast.host_inputs(cfg), optimizer)
+    run_step, path = make_step(step, fast.cuda_graph(cfg), why_not)
+    speed = {"precision": model.backbone.precision, "compile": bool(model.backbone.compile), "train_step": path,
+             "train_step_not_graphed": why_not, "data_device": data.stored_on(train_set)}
 
     def save_last() -> None:
         if main_rank:
@@ -186,6 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
+        log.write(step=state["step"], **speed)
     try:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -201,18 +207,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             start = time.perf_counter()
             for images, labels in bar:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                loss = F.cross_entropy(ddp(images)[:, columns], labels)
-                extra = model.auxiliary_loss()
-                if extra is not None:
-                    loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run_step(images, labels)
                 state["step_in_epoch"] += 1
                 state["step"] += 1
                 state["train_images"] += images.shape[0] * world
                 if state["step"] % cfg.log_every == 0 and main_rank:
-                    value = loss.item()
+                    value = step.read_loss()
                     bar.set_postfix(loss=f"{value:.4f}")
                     log.write(step=state["step"], epoch=epoch, loss=value, lr=optimizer.param_groups[0]["lr"])
                 stop = cfg.max_steps is not None and state["step"] >= cfg.max_steps
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         results["test_acc"] = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
     results.update({
         "trainable_params": model.num_trainable,
-        "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9), **speed,
     })
     if main_rank:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
