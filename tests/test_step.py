@@ -161,9 +161,12 @@ def test_graph_support_and_the_cuda_graph_flag():
     assert graph_support(cuda, 1, False, torch.optim.Adam([torch.zeros(2, requires_grad=True)], capturable=True)) \
         is None
     plain = TrainStep(lambda x: x, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cpu)
-    assert make_step(plain, None, "why") == (plain, "eager") and make_step(plain, False, None) == (plain, "eager")
+    assert make_step(plain, None, "why", cpu) == (plain, "eager")  # no CUDA: no warning either
+    assert make_step(plain, False, None, cpu) == (plain, "eager")
+    with pytest.warns(UserWarning, match="the training step runs eagerly, not in a CUDA graph: why"):
+        assert make_step(plain, None, "why", cuda) == (plain, "eager")
     with pytest.raises(ValueError, match="--cuda-graph is not available here: why"):
-        make_step(plain, True, "why")
+        make_step(plain, True, "why", cpu)
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         GraphedStep(plain, warmup=0)
     assert step_module.STEP_PATHS == ("eager", "cuda-graph")
@@ -176,7 +179,8 @@ def test_cuda_graph_step_matches_eager_on_the_gpu(method):
     prompts = []
     for graphed in (False, True):
         model, train_set, optimizer, schedule, step = _run_pieces(method, "cuda")
-        runner, path = make_step(step, graphed, graph_support(torch.device("cuda"), 1, False, optimizer))
+        runner, path = make_step(step, graphed, graph_support(torch.device("cuda"), 1, False, optimizer),
+                                 torch.device("cuda"))
         assert path == ("cuda-graph" if graphed else "eager")
         for epoch in range(2):
             for index in torch.arange(29).split(8):

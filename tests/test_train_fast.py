@@ -104,3 +104,10 @@ def test_resident_captured_run_resumes_exactly_on_the_gpu(tmp_path):
     resumed = train(tiny(tmp_path / "b", **gpu), resume=True, progress=False)
     a, b = (checkpoint.load_tensors(tmp_path / run / "last")["prompter.prompt"] for run in ("a", "b"))
     assert torch.equal(a, b) and straight["test_acc"] == resumed["test_acc"]
+
+
+def test_compile_is_reported_only_where_the_compiled_forward_runs(tmp_path):
+    """PGN runs the backbone's blocks itself: --compile on builds a compiled forward it never calls."""
+    results = train(tiny(tmp_path, epochs=1, method="pgn", num_prompts=2, library_size=8, diversity=0.0,
+                         compile="on"), progress=False)
+    assert results["compile"] is False and results["precision"] == "fp32"

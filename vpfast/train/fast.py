@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vpfast.ops.compose import check_choice
-from vpfast.train.data import DATA_DEVICES
+from vpfast.train import data
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
@@ -22,7 +22,7 @@ def check(cfg) -> None:
     check_choice("precision", cfg.precision, PRECISIONS)
     check_choice("compile", cfg.compile, SWITCHES)
     check_choice("cuda_graph", cfg.cuda_graph, SWITCHES)
-    check_choice("data_device", cfg.data_device, DATA_DEVICES)
+    check_choice("data_device", cfg.data_device, data.DATA_DEVICES)
 
 
 def precision(cfg, device: torch.device) -> str:
@@ -54,3 +54,15 @@ def decode_size(cfg) -> int:
     if cfg.method != "evp":
         return canvas
     return canvas - 2 * (cfg.pad or max(1, round(30 * canvas / 224)))
+
+
+def report(model, train_set, step_path: str, not_graphed: str | None) -> dict:
+    """The path a run takes, as written to metrics.jsonl and results.json.
+
+    ``compile`` is true only where the compiled forward runs: methods that call the whole backbone (EVP,
+    pad, patch). Token and adapter methods run the backbone's blocks themselves, uncompiled.
+    """
+    backbone = model.backbone
+    return {"precision": backbone.precision,
+            "compile": bool(backbone.compile) and model.tokens is None and model.adapter is None,
+            "train_step": step_path, "train_step_not_graphed": not_graphed, "data_device": data.stored_on(train_set)}

@@ -178,9 +178,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None) if main_rank else None
     step = TrainStep(ddp, optimizer, device, columns, model.auxiliary_loss)
     why_not = graph_support(device, world, fast.host_inputs(cfg), optimizer)
-    run_step, path = make_step(step, fast.cuda_graph(cfg), why_not)
-    speed = {"precision": model.backbone.precision, "compile": bool(model.backbone.compile), "train_step": path,
-             "train_step_not_graphed": why_not, "data_device": data.stored_on(train_set)}
+    run_step, path = make_step(step, fast.cuda_graph(cfg), why_not, device)
+    speed = fast.report(model, train_set, path, why_not)
 
     def save_last() -> None:
         if main_rank:

@@ -12,6 +12,7 @@ epoch. Every call is a real training step, whatever path it takes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -134,13 +135,17 @@ def graph_support(device: torch.device, world_size: int, host_inputs: bool,
     return None
 
 
-def make_step(step: TrainStep, cuda_graph: bool | None, why_not: str | None) -> tuple[Callable, str]:
+def make_step(step: TrainStep, cuda_graph: bool | None, why_not: str | None,
+              device: torch.device) -> tuple[Callable, str]:
     """(the callable step, the path taken: "eager" or "cuda-graph") for ``--cuda-graph`` on/off/default.
 
-    ``cuda_graph`` None: captured where supported. True where unsupported: an error naming why.
+    ``cuda_graph`` None: captured where supported, with a warning naming why not when training on CUDA.
+    True where unsupported: an error naming why.
     """
     if cuda_graph is True and why_not is not None:
         raise ValueError(f"--cuda-graph is not available here: {why_not}")
+    if cuda_graph is None and why_not is not None and device.type == "cuda":
+        warnings.warn(f"the training step runs eagerly, not in a CUDA graph: {why_not}", stacklevel=2)
     if cuda_graph is False or why_not is not None:
         return step, "eager"
     return GraphedStep(step), "cuda-graph"
