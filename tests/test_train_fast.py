@@ -106,8 +106,8 @@ def test_resident_captured_run_resumes_exactly_on_the_gpu(tmp_path):
     assert torch.equal(a, b) and straight["test_acc"] == resumed["test_acc"]
 
 
-def test_compile_is_reported_only_where_the_compiled_forward_runs(tmp_path):
-    """PGN runs the backbone's blocks itself: --compile on builds a compiled forward it never calls."""
+def test_token_methods_are_not_compiled(tmp_path):
+    """PGN inserts its tokens with hooks on every call: a compiled forward would recompile every step."""
     results = train(tiny(tmp_path, epochs=1, method="pgn", num_prompts=2, library_size=8, diversity=0.0,
                          compile="on"), progress=False)
     assert results["compile"] is False and results["precision"] == "fp32"

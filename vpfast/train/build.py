@@ -111,7 +111,8 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
     """The frozen model named by ``cfg.model`` (CLIP gets a zero-shot head over ``classnames``)."""
     family, name = cfg.model.split(":", 1)
     autocast = torch.bfloat16 if cfg.amp == "bf16" else None
-    speed = dict(precision=fast.precision(cfg, device), compile=fast.compile_backbone(cfg, device))
+    speed = dict(precision=fast.precision(cfg, device),
+                 compile=fast.compile_backbone(cfg, device, whole_backbone=cfg.method in PIXEL_METHODS))
     if family == "open_clip":
         return backbones.from_open_clip(name, _pretrained_flag(cfg.pretrained) or None, classnames=classnames,
                                         templates=tuple(cfg.templates), model_cfg=cfg.model_cfg, device=device,

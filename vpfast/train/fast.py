@@ -32,9 +32,11 @@ def precision(cfg, device: torch.device) -> str:
     return cfg.precision
 
 
-def compile_backbone(cfg, device: torch.device) -> bool:
-    """Whether the frozen backbone is compiled: "auto" is on with CUDA only."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+def compile_backbone(cfg, device: torch.device, whole_backbone: bool) -> bool:
+    """Whether the frozen backbone is compiled: "auto" is on with CUDA only. Only for methods that call the
+    whole backbone (``whole_backbone``: EVP, pad, patch): token and adapter methods insert hooks and blocks
+    into it per call, which would recompile the compiled forward every step."""
+    return whole_backbone and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
 
 
 def cuda_graph(cfg) -> bool | None:
@@ -57,12 +59,7 @@ def decode_size(cfg) -> int:
 
 
 def report(model, train_set, step_path: str, not_graphed: str | None) -> dict:
-    """The path a run takes, as written to metrics.jsonl and results.json.
-
-    ``compile`` is true only where the compiled forward runs: methods that call the whole backbone (EVP,
-    pad, patch). Token and adapter methods run the backbone's blocks themselves, uncompiled.
-    """
+    """The path a run takes, as written to metrics.jsonl and results.json."""
     backbone = model.backbone
-    return {"precision": backbone.precision,
-            "compile": bool(backbone.compile) and model.tokens is None and model.adapter is None,
-            "train_step": step_path, "train_step_not_graphed": not_graphed, "data_device": data.stored_on(train_set)}
+    return {"precision": backbone.precision, "compile": bool(backbone.compile), "train_step": step_path,
+            "train_step_not_graphed": not_graphed, "data_device": data.stored_on(train_set)}
