@@ -111,3 +111,11 @@ def test_token_methods_are_not_compiled(tmp_path):
     results = train(tiny(tmp_path, epochs=1, method="pgn", num_prompts=2, library_size=8, diversity=0.0,
                          compile="on"), progress=False)
     assert results["compile"] is False and results["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("changes,size", [({}, 164), ({"image_size": 112}, 82), ({"pad": 10}, 204),
+                                          ({"method": "pad"}, 224), ({"method": "pgn", "image_size": 96}, 96)])
+def test_image_files_are_decoded_at_the_prompters_inner_size(changes, size):
+    from vpfast.train import fast
+
+    assert fast.decode_size(TrainConfig(**changes)) == size

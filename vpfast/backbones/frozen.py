@@ -96,7 +96,7 @@ class FrozenClassifier(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.autocast_dtype is None:
             return self.model(x)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=False):  # CUDA-graph safe
             logits = self.model(x)
         return logits.float()
 
