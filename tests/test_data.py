@@ -240,3 +240,16 @@ def test_device_resident_batches_equal_host_batches():
     order = list(data.epoch_batches(37, 8, seed=0, epoch=1))
     for (x, y), (xg, yg) in zip(data.batches(images, order), data.batches(resident, order), strict=True):
         assert xg.is_cuda and torch.equal(x, xg.cpu()) and torch.equal(y, yg.cpu())
+
+
+def test_a_persistent_loader_dies_with_its_dataset():
+    import gc
+    import weakref
+
+    images = data.TensorImages(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ["a"])
+    plain = _Plain(images)
+    list(data.batches(plain, [torch.arange(4)], num_workers=1))
+    loader = weakref.ref(data.persistent_loader(plain, 1))
+    del plain
+    gc.collect()
+    assert loader() is None

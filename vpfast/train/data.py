@@ -15,7 +15,6 @@ import functools
 import gzip
 import math
 import os
-import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -312,12 +311,10 @@ class PersistentLoader:
         return ((x, torch.as_tensor(y)) for x, y in self.loader)
 
 
-_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def persistent_loader(dataset, num_workers: int) -> PersistentLoader:
-    """The dataset's loader for ``num_workers`` workers, built on first use and kept while the dataset lives."""
-    per_dataset = _LOADERS.setdefault(dataset, {})
+    """The dataset's loader for ``num_workers`` workers, built on first use and kept on the dataset, so its
+    workers live as long as the dataset does (a registry would keep every dataset and its workers alive)."""
+    per_dataset = vars(dataset).setdefault("_vpfast_loaders", {})
     if num_workers not in per_dataset:
         per_dataset[num_workers] = PersistentLoader(dataset, num_workers)
     return per_dataset[num_workers]
