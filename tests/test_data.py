@@ -240,6 +240,7 @@ def test_device_resident_batches_equal_host_batches():
     order = list(data.epoch_batches(37, 8, seed=0, epoch=1))
     for (x, y), (xg, yg) in zip(data.batches(images, order), data.batches(resident, order), strict=True):
         assert xg.is_cuda and torch.equal(x, xg.cpu()) and torch.equal(y, yg.cpu())
+        assert x.is_pinned() and y.is_pinned()  # host batches copy asynchronously
 
 
 def test_a_persistent_loader_dies_with_its_dataset():

@@ -267,12 +267,16 @@ def batches(dataset, index_batches: Iterable[torch.Tensor], num_workers: int = 0
     """(uint8 images, labels) for each index batch.
 
     In-memory data is gathered where it is stored; on a GPU the whole epoch's indices are copied there
-    once, so a step moves nothing from the host. Other data goes through the dataset's persistent loader.
+    once, so a step moves nothing from the host. Host batches land in pinned memory when CUDA is there
+    (an asynchronous copy to the GPU). Other data goes through the dataset's persistent loader.
     """
     if isinstance(dataset, TensorImages):
         device = dataset.images.device
         if device.type == "cpu":
-            yield from ((dataset.images[idx], dataset.labels[idx]) for idx in index_batches)
+            pin = torch.cuda.is_available()
+            for idx in index_batches:
+                images, labels = dataset.images[idx], dataset.labels[idx]
+                yield (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
             return
         index_batches = list(index_batches)
         if not index_batches:
