@@ -47,7 +47,8 @@ def sync() -> None:
 
 def interleaved_step_times(pipelines: dict[str, Callable[[], None]], steps: int, warmup: int = 3,
                            repeats: int = 5) -> dict[str, dict]:
-    """Per pipeline: median seconds per step and peak memory (GiB, GPU only).
+    """Per pipeline: median seconds per step and peak memory (GiB, GPU only: the allocator's peak during its
+    rounds, which counts every tensor alive then, the other pipelines' models and data too).
 
     Each pipeline first runs ``warmup`` steps (compiles, allocates, captures); then ``repeats`` rounds
     each time ``steps`` steps of every pipeline in turn, so drifts of clock or temperature hit all alike.
