@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-STEP_PATHS = ("eager", "cuda-graph")
-
 
 class TrainStep:
     """Cross-entropy on the logits ``columns`` (plus ``auxiliary()``, if any), backward, ``optimizer.step()``."""
