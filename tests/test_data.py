@@ -156,8 +156,23 @@ def test_image_folder_is_decoded_once_or_streamed_identically(tmp_path):
 
 def test_unreadable_image_file_is_named(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot decode image file '.*bad.png' with torchvision.io"):
+    with pytest.raises(ValueError, match="cannot decode image file '.*bad.png'"):
         data.decode_file(tmp_path / "bad.png", 8)
+    (tmp_path / "bad.bmp").write_bytes(b"not an image either")
+    with pytest.raises(ValueError, match="cannot decode image file '.*bad.bmp'"):
+        data.decode_file(tmp_path / "bad.bmp", 8)
+
+
+def test_other_formats_decode_with_pil_and_16_bit_tiffs_are_scaled(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(3).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.bmp")
+    assert torch.equal(data.decode_file(tmp_path / "photo.bmp", 6), torch.from_numpy(rgb).permute(2, 0, 1))
+    deep = np.random.default_rng(4).integers(0, 65536, (6, 6), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    expected = torch.from_numpy(np.round(deep.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    assert torch.equal(data.decode_file(tmp_path / "deep.tif", 6), expected.expand(3, 6, 6))
 
 
 class _FakeCIFAR(torch.utils.data.Dataset):

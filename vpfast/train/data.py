@@ -167,17 +167,35 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
     return ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
 
 
+TORCHVISION_IO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io decodes
+PIL_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit gray as PIL opens it (TIFF, PGM)
+
+
+def _decode_pil(path: str | Path) -> torch.Tensor:
+    """Formats torchvision.io does not read (BMP, TIFF, PPM, ...) with PIL, 16-bit gray scaled like PNGs."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in PIL_16_BIT_MODES:
+            gray = torch.from_numpy(np.asarray(image).astype(np.int32).clip(0, 65535)).to(torch.uint16)
+            return to_uint8(gray)[None].expand(3, -1, -1)
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 def decode_file(path: str | Path, size: int) -> torch.Tensor:
-    """One image file as uint8 (3, size, size): ``torchvision.io`` decoding (8- or 16-bit, gray, RGB or RGBA),
-    the shorter side resized to ``size`` (antialiased), then a center crop."""
+    """One image file as uint8 (3, size, size), the shorter side resized to ``size`` (antialiased), then a
+    center crop. JPEG, PNG, GIF and WebP with ``torchvision.io`` (8- or 16-bit, gray, RGB or RGBA), other
+    formats with PIL; 16-bit samples are scaled to 8 bits."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2 import functional as TF
 
     try:
-        image = to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
-    except RuntimeError as error:
-        raise ValueError(f"cannot decode image file {str(path)!r} with torchvision.io (JPEG, PNG, GIF, WebP): "
-                         f"{error}") from error
+        if Path(path).suffix.lower() in TORCHVISION_IO_SUFFIXES:
+            image = to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
+        else:
+            image = _decode_pil(path)
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"cannot decode image file {str(path)!r}: {error}") from error
     return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 
 
