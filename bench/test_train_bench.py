@@ -108,7 +108,14 @@ def eager_modules(method: str, dataset: data.TensorImages, tmp_path):
     model = loop.PromptedClassifier(loop.build_prompter(cfg, backbone), backbone, None,
                                     loop.build_tokens(cfg, backbone), loop.build_adapter(cfg, backbone)).to(DEVICE)
     optimizer, _ = build_optimizer(cfg, model, cfg.epochs)
-    step = TrainStep(model.train(), optimizer, torch.device(DEVICE), auxiliary=model.auxiliary_loss)
+    model.train()
+
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        value = F.cross_entropy(model(images), labels)
+        extra = model.auxiliary_loss()  # computed in the forward
+        return value if extra is None else value + extra
+
+    step = TrainStep(loss, optimizer, torch.device(DEVICE))
     batches = _batches(dataset)
     return lambda: step(*next(batches))
 

@@ -35,8 +35,9 @@ def test_epoch_batches_resume_and_rank_slices():
     assert [b.tolist() for b in data.epoch_batches(103, 10, seed=3, epoch=2, start=4)] == [b.tolist() for b in full[4:]]
     assert not torch.equal(torch.cat(full), torch.cat(list(data.epoch_batches(103, 10, seed=3, epoch=3))))
     ranks = [list(data.epoch_batches(103, 10, seed=3, epoch=2, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == 10  # the incomplete global batch is dropped on several ranks
-    for b in range(10):
+    assert len(ranks[0]) == len(ranks[1]) == 11  # the incomplete global batch too, split 2 + 1
+    assert (len(ranks[0][10]), len(ranks[1][10])) == (2, 1)
+    for b in range(11):
         assert torch.cat([ranks[0][b], ranks[1][b]]).tolist() == full[b].tolist()
 
 

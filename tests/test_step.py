@@ -7,6 +7,7 @@ import traceback
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vpfast.train.build import build_optimizer
@@ -30,8 +31,19 @@ def _run_pieces(method: str, device: str = "cpu"):
                       **METHOD_OPTIONS[method]).resolved()
     model, (train_set, _, _), classes = build_run(cfg, torch.device(device))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
-    step = TrainStep(model, optimizer, torch.device(device), base_columns(cfg, len(classes)), model.auxiliary_loss)
+    step = TrainStep(plain_loss(model, base_columns(cfg, len(classes))), optimizer, torch.device(device))
     return model.train(), train_set, optimizer, schedule, step
+
+
+def plain_loss(model, columns: slice = slice(None)):
+    """What the loop computes on one process: cross-entropy on ``columns``, plus the method's extra loss."""
+
+    def loss(images, labels):
+        value = F.cross_entropy(model(images)[:, columns], labels)
+        extra = model.auxiliary_loss()
+        return value if extra is None else value + extra
+
+    return loss
 
 
 # Argument checks compose runs only on host tensors (``_host_values``): on a GPU they are skipped, on the
@@ -75,32 +87,32 @@ def test_steps_make_no_host_synchronization(method, device):
         for images, labels in batches:
             step(images, labels)
     assert trace.seen == []
-    assert step.loss_steps == 4 and step.read_loss() > 0 and step.loss_steps == 0
+    assert step.loss_steps == 4 and float(step.mean_loss()) > 0 and step.loss_steps == 0
 
 
 def test_the_trace_sees_a_host_read():
-    _, train_set, optimizer, _, step = _run_pieces("evp")
-    reading = TrainStep(lambda x: step.forward(x) * (1 + 0 * step.forward(x).sum().item()), optimizer,
+    model, train_set, optimizer, _, step = _run_pieces("evp")
+    reading = TrainStep(lambda x, y: step.loss(x, y) * (1 + 0 * model(x).sum().item()), optimizer,
                         torch.device("cpu"))
     with _HostSyncs() as trace:
         reading(*train_set[:8])
     assert trace.seen == ["aten._local_scalar_dense.default"]
 
 
-def test_read_loss_is_the_mean_since_the_last_read():
+def test_mean_loss_is_the_mean_since_the_last_read():
     _, train_set, _, _, step = _run_pieces("evp")
     images, labels = train_set[:8]
     losses = []
     for _ in range(3):
         step(images, labels)
-        losses.append(step.read_loss())
+        losses.append(float(step.mean_loss()))
     for _ in range(2):
         step(images, labels)
     _, _, _, _, fresh = _run_pieces("evp")
     sum_of_three = 0.0
     for _ in range(3):
         fresh(images, labels)
-        sum_of_three += fresh.read_loss()
+        sum_of_three += float(fresh.mean_loss())
     assert sum_of_three == pytest.approx(sum(losses))
 
 
@@ -136,7 +148,7 @@ def test_graphed_step_follows_the_eager_steps_exactly():
             for index in torch.arange(29).split(8):  # 8, 8, 8, 5
                 runner(*train_set[index + epoch])
             schedule.step()
-        results.append((model.prompter.prompt.detach().clone(), runner, step.read_loss()))
+        results.append((model.prompter.prompt.detach().clone(), runner, float(step.mean_loss())))
     (eager_prompt, _, eager_loss), (graphed_prompt, graphed, graphed_loss) = results
     assert torch.equal(graphed_prompt, eager_prompt) and graphed_loss == eager_loss
     assert not torch.equal(eager_prompt, torch.zeros_like(eager_prompt))
@@ -159,7 +171,7 @@ def test_graph_support_and_the_cuda_graph_flag():
     assert "create it with capturable=True" in graph_support(cuda, 1, False, adam)
     assert graph_support(cuda, 1, False, torch.optim.Adam([torch.zeros(2, requires_grad=True)], capturable=True)) \
         is None
-    plain = TrainStep(lambda x: x, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cpu)
+    plain = TrainStep(lambda x, y: x, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cpu)
     assert make_step(plain, None, "why", cpu) == (plain, "eager")  # no CUDA: no warning either
     assert make_step(plain, False, None, cpu) == (plain, "eager")
     with pytest.warns(UserWarning, match="the training step runs eagerly, not in a CUDA graph: why"):

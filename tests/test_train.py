@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ def test_resume_continues_exactly(tmp_path):
     steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == list(range(1, 9))  # no step logged twice after the resume
-    for name in ("prompt.png", "training.png", "results.json", "best/prompt.safetensors", "last/trainer.pt"):
+    for name in ("prompt.png", "training.png", "results.json", "best/prompt.safetensors", "last/trainer.json",
+                 "last/trainer.safetensors"):
         assert (tmp_path / "b" / name).exists(), name
 
 
@@ -60,21 +62,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_RUN = dict(epochs=1, train_limit=49, diversity=0.0)  # batches of 16, 16, 16 and 1: rank 1's last slice is empty
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(tiny(out, max_steps=3, diversity=0.0), progress=False)
+    results = train(tiny(out, **DDP_RUN), progress=False)
+    torch.distributed.destroy_process_group()
+    (Path(out) / f"returned-by-rank{rank}.json").write_text(json.dumps(results))
+
+
+def _ddp_signal_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Only rank 1 gets SIGTERM, after step 2: every rank must stop at the same step."""
+    import signal
+
+    from vpfast.train.loop import TrainingInterrupted
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+    def hook(event, state):
+        if rank == 1 and event == "step" and state["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        train(tiny(out, **DDP_RUN), progress=False, hook=hook)
+    except TrainingInterrupted as exc:
+        (Path(out) / f"stopped-rank{rank}.txt").write_text(f"{exc.exit_code} {exc}")
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    train(tiny(tmp_path / "single", max_steps=3, diversity=0.0), progress=False)
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    mp.spawn(_ddp_signal_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / "ddp" / f"stopped-rank{rank}.txt").read_text().startswith(
+            "143 vpfast: SIGTERM: training stopped at epoch 1/1, step 2/4;")
+    assert checkpoint.load_trainer_state(tmp_path / "ddp" / "last")["state"]["step"] == 2
+
+
+def _losses(run) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_ddp_two_processes_match_one_whatever_the_dataset_size(tmp_path):
+    single_results = train(tiny(tmp_path / "single", **DDP_RUN), progress=False)
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     single, ddp = prompt_of(tmp_path / "single"), prompt_of(tmp_path / "ddp")
-    assert single.abs().max() > 0
-    # the all-reduce sums per-rank means in another order: float32 rounding, not a different update
+    assert single.abs().max() > 0 and single_results["steps"] == 4
+    # the all-reduce sums per-rank sums in another order: float32 rounding, not a different update
     torch.testing.assert_close(ddp, single, rtol=1e-4, atol=1e-5 * float(single.abs().max()))
+    torch.testing.assert_close(_losses(tmp_path / "ddp"), _losses(tmp_path / "single"), rtol=1e-5, atol=0)
+    assert len(_losses(tmp_path / "ddp")) == 4  # the global loss of every step, logged once
+    rank0, rank1 = (json.loads((tmp_path / "ddp" / f"returned-by-rank{r}.json").read_text()) for r in range(2))
+    assert rank1 is None  # one report, from rank 0
+    assert rank0["steps"] == 4 and rank0["best_val_acc"] == single_results["best_val_acc"]
 
 
 def _cli(*args, timeout=600) -> subprocess.CompletedProcess:

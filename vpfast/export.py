@@ -43,8 +43,8 @@ def export_pixel_prompts(run: str | Path, out: str | Path | None = None) -> Path
     from vpfast.train.loop import build_run
 
     run = Path(run)
-    directory = Path(checkpoint.resolve(run / "best" if (run / "best").is_dir() else run))
-    cfg = TrainConfig.load(directory / checkpoint.CONFIG).resolved()
+    directory = checkpoint.locate(run)
+    cfg = TrainConfig.load(checkpoint.config_path(directory)).resolved()
     if cfg.method != "pgn":
         raise ValueError(f"vpfast export turns PGN runs into pixel prompts; {directory} is a run of method "
                          f"{cfg.method!r} (pixel prompters are pixels already: see prompt.png and the checkpoint)")
@@ -98,7 +98,7 @@ def pixel_prompt_gap(run: str | Path, path: str | Path | None = None, batch_size
 
     run = Path(run)
     pixel, _ = load_pixel_prompts(path if path is not None else run / "pixel_prompts.safetensors")
-    cfg = TrainConfig.load(run / "best" / checkpoint.CONFIG).resolved()
+    cfg = TrainConfig.load(checkpoint.config_path(run / "best")).resolved()
     model, (_, _, test_set), _ = build_run(cfg, torch.device("cpu"))
     model.load_trainable_state(checkpoint.load_tensors(run / "best"))
     model.eval()

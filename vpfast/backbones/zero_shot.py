@@ -4,6 +4,7 @@ The text tower runs only while the head is built: the class embeddings are cache
 text tower is dropped, so training never re-encodes text (EVP's released code re-encodes every batch).
 """
 
+import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,15 @@ def class_text_embeddings(
     return F.normalize(embeddings, dim=-1)
 
 
+def _check_model_cfg(open_clip: Any, model_cfg: Mapping[str, Any]) -> None:
+    """``model_cfg`` describes the model; keys that are ``create_model``'s own arguments (``weights_only``,
+    ``pretrained_image_path``, ``cache_dir``...) would decide what is loaded and how: refused."""
+    loader_arguments = sorted(set(model_cfg) & set(inspect.signature(open_clip.create_model).parameters))
+    if loader_arguments:
+        raise ValueError(f"model_cfg may only change the model's configuration, got {loader_arguments}: "
+                         f"arguments of open_clip.create_model that choose what is loaded and how")
+
+
 def _check_open_clip_source(open_clip: Any, name: str, pretrained: str | None) -> None:
     if ":" in name:  # 'local-dir:' and 'hf-hub:' sources carry their own config and weights
         return
@@ -114,6 +124,7 @@ def from_open_clip(
     """
     open_clip = require("open_clip", extra="clip")
     _check_open_clip_source(open_clip, name, pretrained)
+    _check_model_cfg(open_clip, model_cfg or {})
     model = open_clip.create_model(
         name,
         pretrained=pretrained,

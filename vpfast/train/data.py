@@ -267,17 +267,15 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
                   rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
     """Index batches of one epoch: a permutation fixed by (seed, epoch), from batch ``start`` on.
 
-    Each global batch of ``batch_size`` is cut into ``world_size`` equal slices and rank ``rank``
-    gets its slice, so data-parallel training sees the single-process batches. The last
-    incomplete global batch is dropped when training on several ranks.
+    Each global batch of ``batch_size`` (the last one may be smaller) is cut into ``world_size``
+    contiguous slices whose sizes differ by at most one, and rank ``rank`` gets its slice, so
+    data-parallel training sees the single-process batches whatever the dataset size.
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)) if shuffle \
         else torch.arange(n)
-    n_batches = n // batch_size if world_size > 1 else math.ceil(n / batch_size)
-    per_rank = batch_size // world_size
-    for b in range(start, n_batches):
+    for b in range(start, math.ceil(n / batch_size)):
         batch = order[b * batch_size:(b + 1) * batch_size]
-        yield batch[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else batch
+        yield torch.tensor_split(batch, world_size)[rank] if world_size > 1 else batch
 
 
 def batches(dataset, index_batches: Iterable[torch.Tensor], num_workers: int = 0

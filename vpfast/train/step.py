@@ -2,7 +2,7 @@
 optionally captured in CUDA graphs.
 
 ``TrainStep`` is a plain function of (images, labels): the loss is summed on the device and read only
-when ``read_loss`` is called (at log intervals). ``GraphedStep`` wraps it: per input shape it runs
+through ``mean_loss`` (at log intervals). ``GraphedStep`` wraps it: per input shape it runs
 ``warmup`` eager steps (they allocate optimizer state and warm the libraries), then captures one step
 in a CUDA graph and replays it with each new batch copied into the captured inputs. The last partial
 batch of an epoch gets its own graph, so no shape is recompiled or padded. The learning rates are part of
@@ -17,38 +17,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 class TrainStep:
-    """Cross-entropy on the logits ``columns`` (plus ``auxiliary()``, if any), backward, ``optimizer.step()``."""
+    """``loss(images, labels, *args)``, backward, ``optimizer.step()``; the loss summed on the device.
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 device: torch.device, columns: slice = slice(None),
-                 auxiliary: Callable[[], torch.Tensor | None] = lambda: None) -> None:
-        self.forward, self.optimizer, self.columns, self.auxiliary = forward, optimizer, columns, auxiliary
+    ``args`` are host values the loss reads (e.g. the global batch size under DDP); ``GraphedStep`` keys
+    its graphs on them.
+    """
+
+    def __init__(self, loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> None:
+        self.loss, self.optimizer = loss, optimizer
         self.loss_sum = torch.zeros((), device=device)
         self.loss_steps = 0
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         """One step; the loss stays on the device."""
-        self.compute(images, labels)
+        self.compute(images, labels, *args)
         self.loss_steps += 1
 
-    def compute(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def compute(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         """The device work of one step (what a CUDA graph captures): no host value is read or written."""
-        loss = F.cross_entropy(self.forward(images)[:, self.columns], labels)
-        extra = self.auxiliary()
-        if extra is not None:
-            loss = loss + extra
+        loss = self.loss(images, labels, *args)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.loss_sum += loss.detach()
 
-    def read_loss(self) -> float:
-        """The mean loss since the last read (a host synchronization: call it at log intervals only)."""
-        mean = float(self.loss_sum) / max(self.loss_steps, 1)
+    def mean_loss(self) -> torch.Tensor:
+        """The mean loss since the last call, on the device (reading it is a host synchronization: do it at log
+        intervals only)."""
+        mean = self.loss_sum / max(self.loss_steps, 1)
         self.loss_sum.zero_()
         self.loss_steps = 0
         return mean
@@ -57,11 +57,12 @@ class TrainStep:
 @dataclass
 class _Shape:
     eager_runs: int = 0
-    graphs: dict = field(default_factory=dict)  # learning rates -> (graph, static images, static labels)
+    graphs: dict = field(default_factory=dict)  # (learning rates, host args) -> (graph, static images, labels)
 
 
 class GraphedStep:
-    """``step`` replayed from CUDA graphs, one per (input shape, learning rates), after ``warmup`` eager runs."""
+    """``step`` replayed from CUDA graphs, one per (input shape, learning rates, host args), after ``warmup``
+    eager runs."""
 
     def __init__(self, step: TrainStep, warmup: int = 3) -> None:
         if warmup < 1:
@@ -74,27 +75,27 @@ class GraphedStep:
     def _learning_rates(self) -> tuple:
         return tuple(float(group["lr"]) for group in self.step.optimizer.param_groups)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         shape = self.shapes.setdefault((tuple(images.shape), images.dtype, tuple(labels.shape)), _Shape())
         if shape.eager_runs < self.warmup:
-            self._eager(images, labels)
+            self._eager(images, labels, *args)
             shape.eager_runs += 1
             return
-        rates = self._learning_rates()
-        if rates not in shape.graphs:
-            shape.graphs = {rates: self._capture(images, labels)}  # older rates never come back: free them
-        graph, static_images, static_labels = shape.graphs[rates]
+        key = (self._learning_rates(), args)
+        if key not in shape.graphs:
+            shape.graphs = {key: self._capture(images, labels, *args)}  # older rates never come back: free them
+        graph, static_images, static_labels = shape.graphs[key]
         static_images.copy_(images, non_blocking=True)
         static_labels.copy_(labels, non_blocking=True)
         graph.replay()
         self.step.loss_steps += 1
 
-    def _eager(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _eager(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         """A warm-up step on a side stream, as capture requires."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step(images, labels)
+            self.step(images, labels, *args)
         torch.cuda.current_stream().wait_stream(side)
 
     def _record(self, body: Callable[[], None]):
@@ -106,10 +107,10 @@ class GraphedStep:
             body()
         return graph
 
-    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor, *args) -> tuple:
         static_images, static_labels = images.clone(), labels.clone()
         self.step.optimizer.zero_grad(set_to_none=True)
-        graph = self._record(lambda: self.step.compute(static_images, static_labels))
+        graph = self._record(lambda: self.step.compute(static_images, static_labels, *args))
         self.captures += 1
         return graph, static_images, static_labels
 
