@@ -133,8 +133,8 @@ class _FakeGraphedStep(GraphedStep):
     def _record(self, body):
         return _FakeGraph(body)
 
-    def _eager(self, images, labels):
-        self.step(images, labels)
+    def _eager(self, images, labels, *args):
+        self.step(images, labels, *args)
 
 
 def test_graphed_step_follows_the_eager_steps_exactly():
@@ -201,3 +201,18 @@ def test_cuda_graph_step_matches_eager_on_the_gpu(method):
             assert runner.captures == 2
     for eager, graphed in zip(*prompts, strict=True):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_host_arguments_of_the_loss_key_the_graphs():
+    """A host value the loss reads (the DDP global batch size) is baked into a capture: a new value, a new graph."""
+    results = []
+    for wrap in (lambda s: s, lambda s: _FakeGraphedStep(s, warmup=1)):
+        weight = torch.ones(3, requires_grad=True)
+        step = TrainStep(lambda x, y, scale, weight=weight: (weight * x).sum() * scale,
+                         torch.optim.SGD([weight], lr=0.1), torch.device("cpu"))
+        runner = wrap(step)
+        for scale in (1.0, 1.0, 1.0, 2.0, 2.0, 1.0):
+            runner(torch.arange(3.0), torch.zeros(1), scale)
+        results.append((weight.detach().clone(), runner))
+    (eager, _), (graphed, runner) = results
+    assert torch.equal(graphed, eager) and runner.captures == 3  # 1.0, then 2.0, then 1.0 again
