@@ -285,7 +285,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
-        log.write(step=state["step"], **speed)
+        if not resume:  # the first record, so a resumed run logs what an uninterrupted one does
+            log.write(step=state["step"], **speed)
     with StopSignals(device, world > 1) as signals:
         try:
             while True:
