@@ -31,7 +31,14 @@ from test_evp_step_bench import _mask, eager_step, released_step
 from vpfast.backbones import from_open_clip
 from vpfast.backbones.zero_shot import class_text_embeddings
 from vpfast.train import data, loop
-from vpfast.train.build import build_optimizer
+from vpfast.train.build import (
+    PromptedClassifier,
+    build_adapter,
+    build_backbone,
+    build_optimizer,
+    build_prompter,
+    build_tokens,
+)
 from vpfast.train.config import TrainConfig
 from vpfast.train.step import TrainStep
 
@@ -65,12 +72,12 @@ class _Timed:
     def __init__(self, step, timing: dict) -> None:
         self.step, self.timing, self.calls = step, timing, 0
 
-    def __call__(self, images, labels) -> None:
+    def __call__(self, images, labels, *args) -> None:
         if self.calls in (WARM, WARM + TIMED):
             sync()
             self.timing[self.calls] = time.perf_counter()
         self.calls += 1
-        self.step(images, labels)
+        self.step(images, labels, *args)
 
 
 def run_loop(method: str, dataset: data.TensorImages, tmp_path, monkeypatch) -> dict:
@@ -104,9 +111,9 @@ def eager_modules(method: str, dataset: data.TensorImages, tmp_path):
     cfg = _config(method, tmp_path, precision="fp32", compile="off", cuda_graph="off",
                   amp="bf16" if on_gpu() else None).resolved()
     torch.manual_seed(cfg.seed)
-    backbone = loop.build_backbone(cfg, CLASSES, torch.device(DEVICE))
-    model = loop.PromptedClassifier(loop.build_prompter(cfg, backbone), backbone, None,
-                                    loop.build_tokens(cfg, backbone), loop.build_adapter(cfg, backbone)).to(DEVICE)
+    backbone = build_backbone(cfg, CLASSES, torch.device(DEVICE))
+    model = PromptedClassifier(build_prompter(cfg, backbone), backbone, None, build_tokens(cfg, backbone),
+                               build_adapter(cfg, backbone)).to(DEVICE)
     optimizer, _ = build_optimizer(cfg, model, cfg.epochs)
     model.train()
 
