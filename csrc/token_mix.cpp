@@ -1,4 +1,5 @@
-// vpfast::token_mix and vpfast::token_mix_backward on CPU tensors, plus the argument checks that the
+// The CPU kernels of vpfast::_ext_token_mix and vpfast::_ext_token_mix_backward (schemas in
+// vpfast/ops/token_mix.py: the "cpp" backend of token_mix), plus the argument checks that the
 // CUDA kernels share (contract: csrc/token_mix.h and DESIGN.md "token_mix").
 //
 // What ATen has no op for, S = (Z + G) / tau with the hashed Gumbel noise, the top-k mask (ties kept)
@@ -244,6 +245,6 @@ std::tuple<Tensor, Tensor> token_mix_backward_cpu(const Tensor& grad, const Tens
 }  // namespace vpfast::token_mix
 
 STABLE_TORCH_LIBRARY_IMPL(vpfast, CPU, m) {
-  m.impl("token_mix", TORCH_BOX(&vpfast::token_mix::token_mix_cpu));
-  m.impl("token_mix_backward", TORCH_BOX(&vpfast::token_mix::token_mix_backward_cpu));
+  m.impl("_ext_token_mix", TORCH_BOX(&vpfast::token_mix::token_mix_cpu));
+  m.impl("_ext_token_mix_backward", TORCH_BOX(&vpfast::token_mix::token_mix_backward_cpu));
 }

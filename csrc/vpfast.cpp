@@ -1,9 +1,11 @@
 // vpfast._C: the compiled part of vpfast, built against the PyTorch stable ABI.
 //
-// This file owns the `vpfast` operator namespace on the C++ side (the one
-// STABLE_TORCH_LIBRARY for it; Python ops such as vpfast::compose join the same
-// namespace through torch.library fragments) and holds the CPU kernels. CUDA
-// kernels live in csrc/cuda/ and are compiled only when the build finds nvcc.
+// The extension provides kernels only: every op's schema, fake, autograd and backend
+// selection is defined in Python (vpfast/ops/), including the schemas of the kernel ops
+// vpfast::_ext_token_mix and vpfast::_ext_token_mix_backward that csrc/token_mix.cpp
+// (CPU) and csrc/cuda/token_mix.cu (CUDA) implement. This file defines only the build's
+// own two introspection ops. CUDA kernels live in csrc/cuda/ and are compiled only when
+// the build finds nvcc.
 // Only stable headers are used, so one binary loads on every torch >= the
 // TORCH_TARGET_VERSION set by setup.py and on every Python >= 3.10 (abi3).
 
@@ -28,14 +30,9 @@ int64_t extension_info() {
 
 }  // namespace vpfast
 
-STABLE_TORCH_LIBRARY(vpfast, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(vpfast, m) {
   m.def("_extension_info() -> int");
   m.def("_cuda_probe(Tensor x) -> Tensor");
-  // PGN token-library soft sampling; kernels in csrc/token_mix.cpp (CPU) and csrc/cuda/token_mix.cu.
-  m.def("token_mix(Tensor logits, Tensor library, float tau, bool gumbel, int seed, int topk, bool hard, "
-        "str activation) -> Tensor");
-  m.def("token_mix_backward(Tensor grad, Tensor logits, Tensor library, float tau, bool gumbel, int seed, "
-        "int topk, bool hard, str activation) -> (Tensor, Tensor)");
 }
 
 // No tensor arguments, so the op needs a backend-independent kernel.

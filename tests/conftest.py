@@ -4,6 +4,7 @@ Without CUDA the Triton kernels run on CPU tensors under TRITON_INTERPRET=1,
 which must be set before triton is first imported: that happens here.
 """
 
+import importlib
 import os
 
 import torch
@@ -16,13 +17,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Make every kernel-side allocation start as NaN, so unwritten outputs cannot pass."""
-    from vpfast.kernels import compose
+    """Make every Triton kernel file's allocations start as NaN, so unwritten outputs cannot pass."""
+    from vpfast.ops import kernel_modules
 
     def nan_empty(*shape, **kwargs):
         return torch.empty(*shape, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(compose, "_empty", nan_empty)
+    for module in kernel_modules("triton"):
+        monkeypatch.setattr(importlib.import_module(module), "_empty", nan_empty)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 import vpfast
 from compose_cases import Case, make_inputs, reference_args, rel_err
 from vpfast.ops.compose import compose_backward_reference, compose_reference
+
+compose_module = importlib.import_module("vpfast.ops.compose")  # vpfast.ops.compose is the function
 
 pytestmark = pytest.mark.cpu
 
@@ -174,21 +177,12 @@ def test_gradcheck_float64(case):
 
 @pytest.mark.parametrize("case", [Case(), Case(transform=True, batch=3, dtype=torch.uint8, mask=False),
                                   Case(normalize=False, out_dtype=torch.bfloat16, channels_last_out=True)], ids=str)
-def test_opcheck(case):
+def test_opcheck(case, monkeypatch):
     images, prompt, kwargs = make_inputs(case, seed=11)
     prompt.requires_grad_(True)
-    calls = []
-    orig = torch.ops.vpfast.compose
-
-    def capture(*args):
-        calls.append(args)
-        return orig(*args)
-
-    torch.ops.vpfast.compose = capture
-    try:
-        vpfast.ops.compose(images, prompt, **kwargs)
-    finally:
-        torch.ops.vpfast.compose = orig
+    calls = []  # the op's arguments as compose() builds them
+    monkeypatch.setattr(compose_module, "compose_op", lambda tensors, options: calls.append((*tensors, *options)))
+    vpfast.ops.compose(images, prompt, **kwargs)
     torch.library.opcheck(torch.ops.vpfast.compose.default, calls[0])
 
 
@@ -273,6 +267,16 @@ BAD_CALLS = [
     (dict(transform=torch.tensor([[16, 0, 0, 2], [16, 0, 0, 0]], dtype=torch.int32)), r"transform row 0"),
     (dict(transform=torch.zeros(2, 4)), r"transform must be int32 or int64, got torch.float32"),
     (dict(prompt=lambda a: a["prompt"].to("meta")), r"prompt is on meta but images are on cpu"),
+    (dict(inner_size=True), r"inner_size must be an int, got True \(bool\)"),
+    (dict(inner_size=10.0), r"inner_size must be an int, got 10.0 \(float\)"),
+    (dict(offset=(3.7, 3)), r"offset\[0\] must be an int, got 3.7 \(float\)"),
+    (dict(offset=(3, False)), r"offset\[1\] must be an int, got False \(bool\)"),
+    (dict(offset=3), r"offset must be a pair \(oy, ox\) of ints, got 3"),
+    (dict(fill=float("nan")), r"fill must be a finite number, got nan"),
+    (dict(fill=float("inf")), r"fill must be a finite number, got inf"),
+    (dict(fill="0"), r"fill must be a finite number, got '0'"),
+    (dict(std=(0.2, float("nan"), 0.3)), r"std must be finite, got \[0.2.*nan, 0.3.*\]"),
+    (dict(mean=torch.tensor([0.5, float("inf"), 0.5])), r"mean must be finite, got \[0.5, inf, 0.5\]"),
 ]
 
 

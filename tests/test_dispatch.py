@@ -1,37 +1,106 @@
-"""Backend choice: defaults per device, VPFAST_BACKEND forcing, clear errors."""
+"""Backend selection: one function for calls and `vpfast info`, per device and dtype, VPFAST_BACKEND forcing,
+fallbacks that warn once, clear errors."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from vpfast.ops import _dispatch
+from vpfast import _warn
+from vpfast.ops import OPS, _dispatch
 
 pytestmark = pytest.mark.cpu
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_cpu_tensors_take_the_reference_by_default(monkeypatch):
+@pytest.fixture
+def fake_ops(monkeypatch):
+    """A registry with one op "demo": fast on CUDA for float32 when "fast is here", else the reference."""
+    state = {"fast": ""}
+    fast = _dispatch.Backend("triton", ("cuda",), (torch.float32,), "fast-forward", "fast-backward",
+                             lambda device_type: state["fast"])
+    reference = _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32, torch.float64), "ref-forward",
+                                  "ref-backward")
+    monkeypatch.setattr(_dispatch, "OPS", {})
+    monkeypatch.setattr(_warn, "_warned", set())
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
-    assert _dispatch.choose("compose", torch.device("cpu")) == "reference"
+    monkeypatch.setattr(_dispatch, "_chosen", {})
+    _dispatch.register("demo", (fast, reference))
+    return state
+
+
+def test_every_op_is_registered_with_the_reference_last():
+    assert set(OPS) == {"compose", "token_mix"}
+    for backends in OPS.values():
+        assert backends[-1].name == "reference" and all(b.name in _dispatch.BACKENDS for b in backends)
+
+
+def test_selection_per_device_and_dtype(fake_ops):
+    assert _dispatch.select("demo", CUDA, torch.float32).forward == "fast-forward"
+    assert _dispatch.select("demo", CPU, torch.float32).name == "reference"  # no warning: not a fallback
+    with pytest.warns(RuntimeWarning, match=r"demo with float64 cuda tensors runs the reference backend "
+                                            r"\(triton unavailable: triton takes float32\)"):
+        assert _dispatch.select("demo", CUDA, torch.float64).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _dispatch.select("demo", CUDA, torch.float64)  # once
+    assert _dispatch.backend_table() == {"demo": {
+        "cpu": "reference", "cuda": "float32: triton; float64: reference (triton unavailable: triton takes float32)"}}
+
+
+def test_unavailable_backend_falls_back_and_says_why(fake_ops):
+    fake_ops["fast"] = "no GPU compiler"
+    _dispatch._chosen.clear()  # availability is read once per (op, device, dtype, environment, extension status)
+    with pytest.warns(RuntimeWarning, match=r"triton unavailable: no GPU compiler"):
+        assert _dispatch.select("demo", CUDA, torch.float32).name == "reference"
+    expected = ("float32: reference (triton unavailable: no GPU compiler); "
+                "float64: reference (triton unavailable: triton takes float32)")
+    assert _dispatch.backend_table()["demo"]["cuda"] == expected
 
 
 def test_forcing_a_backend_the_op_lacks_raises(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=cuda, but compose has no cuda backend"):
-        _dispatch.choose("compose", torch.device("cpu"))
+        _dispatch.choose("compose", CPU)
     assert _dispatch.backend_table()["compose"]["cpu"].startswith("error: compose has no cuda backend")
+
+
+def test_forced_backend_that_cannot_take_the_dtype_raises(fake_ops, monkeypatch):
+    monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run demo on cuda with float64: "
+                                           r"triton takes float32"):
+        _dispatch.select("demo", CUDA, torch.float64)
+    assert _dispatch.select("demo", CUDA, torch.float32).name == "triton"
+    monkeypatch.setenv("VPFAST_BACKEND", "reference")
+    assert _dispatch.select("demo", CUDA, torch.float32).name == "reference"
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "tpu")
-    with pytest.raises(ValueError, match=r"VPFAST_BACKEND must be one of \('reference', 'triton', 'cuda'\), got 'tpu'"):
-        _dispatch.choose("compose", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"VPFAST_BACKEND must be one of \('reference', 'triton', 'cpp', 'cuda'\), "
+                                         r"got 'tpu'"):
+        _dispatch.choose("compose", CPU)
 
 
 def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
-        _dispatch.choose("compose", torch.device("cpu"))
+        _dispatch.choose("compose", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _dispatch.choose("compose", torch.device("cpu")) == "triton"
+    assert _dispatch.choose("compose", CPU) == "triton"
+
+
+def test_compose_float64_is_not_reported_as_triton(monkeypatch):
+    """issue 17: `vpfast info` said "triton" for a float64 compose that runs the reference."""
+    monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    row = _dispatch.backend_table()["compose"]
+    assert row["cpu"] == "reference"
+    assert "float64: reference" in row["cuda"]
+
+
+def test_kernel_modules_list_the_triton_files():
+    assert _dispatch.kernel_modules("triton") == ("vpfast.kernels.compose",)
+    assert _dispatch.kernel_modules("cuda") == ()

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import vpfast
-from vpfast import _extension, cli
-from vpfast.ops import _dispatch
+from vpfast import _extension, _warn, cli
 
 pytestmark = pytest.mark.cpu
 
@@ -96,7 +95,7 @@ def test_check_build_info(info, torch_version, torch_cuda, expected):
 @pytest.fixture
 def fresh_status(monkeypatch):
     """A status() recomputed in this test, with its own warn-once memory; the real one afterwards."""
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.setattr(_warn, "_warned", set())
     _extension.status.cache_clear()
     yield
     _extension.status.cache_clear()

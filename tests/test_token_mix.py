@@ -22,9 +22,9 @@ import torch
 
 import vpfast
 from compose_cases import rel_err
-from vpfast import _extension
+from vpfast import _extension, _warn
 from vpfast.ops import _dispatch
-from vpfast.ops.token_mix import gumbel_noise, token_mix_reference
+from vpfast.ops.token_mix import gumbel_noise, token_mix_backward_reference, token_mix_reference
 
 cpu = pytest.mark.cpu
 interpreter = pytest.mark.interpreter
@@ -207,22 +207,55 @@ def test_missing_extension_falls_back_to_the_reference_with_one_warning(monkeypa
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
     missing = _extension.ExtensionStatus(False, False, "vpfast._C not built: test")
     monkeypatch.setattr(_extension, "status", lambda: missing)
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.setattr(_warn, "_warned", set())
     logits, library = make_inputs(seed=4)
-    with pytest.warns(RuntimeWarning, match=r"token_mix falls back to the reference on cpu"):
+    with pytest.warns(RuntimeWarning, match=r"token_mix with float32 cpu tensors runs the reference backend "
+                                            r"\(cpp unavailable: vpfast._C not built: test\)"):
         out = vpfast.ops.token_mix(logits, library)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vpfast.ops.token_mix(logits, library)
     assert torch.equal(out, token_mix_reference(logits, library))
-    assert _dispatch.backend_table()["token_mix"]["cpu"].startswith("reference (cuda unavailable")
+    assert _dispatch.backend_table()["token_mix"]["cpu"].startswith("reference (cpp unavailable")
 
 
 @cpu
-def test_backend_table_lists_token_mix():
+def test_backend_table_names_the_cpp_kernel():
+    """The C++ CPU kernel is "cpp" (issue 17: it was listed as "cuda"); float64 CUDA runs the reference."""
     row = _dispatch.backend_table()["token_mix"]
-    expected = "cuda" if _extension.status().loaded else "reference"
-    assert row["cpu"].split()[0] == expected and set(row) == {"cpu", "cuda"}
+    assert set(row) == {"cpu", "cuda"}
+    if _extension.status().loaded:
+        assert row["cpu"] == "cpp"
+    if _extension.status().has_cuda:
+        assert row["cuda"] == ("float32, bfloat16, float16: cuda; "
+                               "float64: reference (cuda unavailable: cuda takes float32, bfloat16, float16)")
+
+
+@cpu
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_backward_reference_is_the_gradient_of_the_reference(case):
+    """token_mix_backward_reference (the reference backend's backward) against autograd through the forward."""
+    logits, library = make_inputs((2, 3, 7, 5), torch.float64, seed=21)
+    grad = torch.randn(2, 3, 5, dtype=torch.float64)
+    z, t = logits.requires_grad_(True), library.requires_grad_(True)
+    expected = torch.autograd.grad(token_mix_reference(z, t, **case), (z, t), grad)
+    got = token_mix_backward_reference(grad, logits.detach(), library.detach(), **case)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float64 and rel_err(g, e) < 1e-12
+
+
+@cpu
+def test_forced_reference_backend_runs_inside_the_op(monkeypatch):
+    """The reference is a backend of the op: a graph node vpfast_token_mixBackward, its backward the reference's."""
+    monkeypatch.setenv("VPFAST_BACKEND", "reference")
+    logits, library = make_inputs((2, 3, 7, 5), seed=22)
+    z, t = logits.requires_grad_(True), library.requires_grad_(True)
+    out = vpfast.ops.token_mix(z, t, gumbel=True, seed=4, topk=3)
+    assert type(out.grad_fn).__name__ == "vpfast_token_mixBackward"
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(token_mix_reference(z, t, gumbel=True, seed=4, topk=3), (z, t), grad)
+    for g, e in zip(torch.autograd.grad(out, (z, t), grad), expected, strict=True):
+        assert rel_err(g, e) < 1e-6
 
 
 # --------------------------------------------------------------------------- the C++ CPU kernel
@@ -244,7 +277,7 @@ def _op_and_reference(logits, library, grad, case):
 @pytest.mark.parametrize("shape", [(1, 3, 7, 5), (2, 5, 40, 9)], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_cpu_kernel_matches_reference_float32(case, shape, layout, monkeypatch):
-    monkeypatch.setenv("VPFAST_BACKEND", "cuda")  # the extension: its C++ kernel on CPU tensors
+    monkeypatch.setenv("VPFAST_BACKEND", "cpp")  # the extension's C++ kernel for CPU tensors
     logits, library = make_inputs(shape, seed=hash((_ids(case), shape, layout)) % 1000, layout=layout)
     grad = torch.randn(shape[0], shape[1], shape[3])
     ops, ref = _op_and_reference(logits, library, grad, case)
@@ -257,7 +290,7 @@ def test_cpu_kernel_matches_reference_float32(case, shape, layout, monkeypatch):
 @needs_extension
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_cpu_kernel_matches_reference_float64(case, monkeypatch):
-    monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    monkeypatch.setenv("VPFAST_BACKEND", "cpp")
     logits, library = make_inputs((2, 3, 7, 5), torch.float64, seed=8)
     ops, ref = _op_and_reference(logits, library, torch.randn(2, 3, 5, dtype=torch.float64), case)
     for got, expected in zip(ops, ref, strict=True):
@@ -269,7 +302,7 @@ def test_cpu_kernel_matches_reference_float64(case, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_kernel_half_precision(dtype, monkeypatch):
     """16-bit inputs accumulate in float32, as the reference does: only the output rounding differs."""
-    monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    monkeypatch.setenv("VPFAST_BACKEND", "cpp")
     logits, library = make_inputs((2, 5, 40, 9), dtype, seed=10)
     case = dict(gumbel=True, seed=3, topk=9, tau=0.8)
     ops, ref = _op_and_reference(logits, library, torch.randn(2, 5, 9).to(dtype), case)
@@ -283,7 +316,7 @@ def test_cpu_kernel_half_precision(dtype, monkeypatch):
 def test_cpu_kernel_gradcheck_float64(case, monkeypatch):
     """Hard mode is straight-through (its true logits gradient is 0), so only the library is checked there;
     its logits gradient is compared with the reference in the tests above."""
-    monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    monkeypatch.setenv("VPFAST_BACKEND", "cpp")
     logits, library = make_inputs((1, 2, 7, 3), torch.float64, seed=6)
     if case.get("hard"):
         fn, inputs = (lambda t: vpfast.ops.token_mix(logits, t, **case)), (library.requires_grad_(True),)
@@ -314,7 +347,7 @@ def test_opcheck(case):
 @needs_extension
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_fullgraph_cpu(monkeypatch, dynamic):
-    monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    monkeypatch.setenv("VPFAST_BACKEND", "cpp")
     logits, library = make_inputs((2, 4, 9, 6), seed=14)
 
     def step(z, t):
@@ -350,9 +383,9 @@ def test_cpp_checks_name_the_argument():
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def emulation(tmp_path_factory) -> ctypes.CDLL:
     """csrc/cuda/token_mix_emulation.cpp built with the host compiler and linked to libtorch (its products
-    go through aten::mm, as on CUDA); calls the CUDA launch sequences on CPU tensors."""
+    go through aten::mm, as on CUDA)."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         pytest.skip("no C++ compiler to build the CUDA kernels' CPU emulation")
@@ -362,7 +395,33 @@ def emulated(tmp_path_factory):
                     str(ROOT / "csrc" / "cuda" / "token_mix_emulation.cpp"), f"-L{torch_dir / 'lib'}", "-ltorch_cpu",
                     "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(library_path)],
                    check=True, capture_output=True)
-    fn = ctypes.CDLL(str(library_path)).vpfast_token_mix_emulated
+    return ctypes.CDLL(str(library_path))
+
+
+def launch_plan(emulation: ctypes.CDLL, backward: bool, rows: int, n: int, d: int) -> tuple[int, int]:
+    """(kernel launches, GEMMs) that the CUDA launcher issues for rows x n logits and d-wide tokens."""
+    kernels, gemms = ctypes.c_int64(), ctypes.c_int64()
+    emulation.vpfast_token_mix_launch_plan.restype = None
+    emulation.vpfast_token_mix_launch_plan(ctypes.c_int(backward), ctypes.c_int64(rows), ctypes.c_int64(n),
+                                           ctypes.c_int64(d), ctypes.byref(kernels), ctypes.byref(gemms))
+    return kernels.value, gemms.value
+
+
+@interpreter
+def test_cuda_launch_plan_at_pgn_scale(emulation):
+    """PGN's B=256, M=16, N=1024 (d=768): the forward is one weights kernel and one GEMM (one workspace chunk of
+    B*M*N = 2^22 weights), the backward two row kernels and two GEMMs; past 2^22 weights the forward works in
+    chunks, so its workspace stays bounded."""
+    assert launch_plan(emulation, False, 256 * 16, 1024, 768) == (1, 1)
+    assert launch_plan(emulation, True, 256 * 16, 1024, 768) == (2, 2)
+    assert launch_plan(emulation, False, 1024 * 16, 1024, 768) == (4, 4)
+    assert launch_plan(emulation, False, 3, 5, 2) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def emulated(emulation):
+    """Calls the CUDA launch sequences on CPU tensors (csrc/cuda/token_mix_emulation.cpp)."""
+    fn = emulation.vpfast_token_mix_emulated
     fn.restype = None
     fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3, ctypes.c_double, ctypes.c_int,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]

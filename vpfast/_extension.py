@@ -1,10 +1,11 @@
 """Load the compiled extension ``vpfast._C`` after checking it was built for the running torch.
 
-Importing ``vpfast._C`` registers its ops in the ``vpfast`` namespace. setup.py records what it
+Importing ``vpfast._C`` registers its kernels in the ``vpfast`` namespace. setup.py records what it
 built in ``vpfast/_build_info.json``; that record is checked *before* the import, because a binary
 built for another torch or CUDA can fail in obscure ways once loaded. Any problem (not built,
 mismatch, import error) warns once and leaves the ops on their Triton/reference backends: importing
-vpfast never fails because of the extension.
+vpfast never fails because of the extension. The extension only provides kernels: the ops' schemas,
+fakes, autograd and backend selection are in ``vpfast/ops``, which imports this module (not the reverse).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from vpfast._warn import warn_once
 
 BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 HAS_CUDA_KERNELS = 1  # bit in vpfast::_extension_info(), see csrc/vpfast.cpp
@@ -93,8 +96,6 @@ def load(info: dict) -> ExtensionStatus:
 @functools.cache
 def status() -> ExtensionStatus:
     """Load the extension once per process; warn once if it is unavailable."""
-    from vpfast.ops._dispatch import warn_once
-
     result = load(read_build_info())
     if not result.loaded:
         warn_once(

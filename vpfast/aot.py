@@ -117,9 +117,9 @@ def report_cubin(cubin: bytes) -> tuple[tuple[int, int, int, int], str]:
 
 def triton_cases(arch: int) -> list:
     """Every AotCase of every kernel file for ``sm_<arch>``, as its launchers build them."""
-    from vpfast.kernels import compose
+    from vpfast.ops import kernel_modules
 
-    return [*compose.aot_cases(arch)]
+    return [case for module in kernel_modules("triton") for case in importlib.import_module(module).aot_cases(arch)]
 
 
 def _register_budget(num_warps: int, programs_per_sm: int) -> int:

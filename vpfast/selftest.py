@@ -1,16 +1,15 @@
 """``vpfast selftest``: a quick check that an installed vpfast works here (what every built wheel runs).
 
-Each op runs on small random CPU inputs, forward and backward, through the backend dispatch picks
-(the C++ kernels of ``vpfast._C`` for token_mix when the extension is loaded), against its plain-PyTorch
-reference in float64; then, for an extension built with CUDA kernels, that the CUDA kernels are
-registered for every extension op (they need no GPU to be registered).
+Each op of ``vpfast.ops.OPS`` runs on small random CPU inputs, forward and backward, through the
+backend selection picks (the C++ kernels of ``vpfast._C`` for token_mix when the extension is loaded),
+against its plain-PyTorch reference in float64 (``check_<op>``; an op without one fails); then, for an
+extension built with CUDA kernels, that the CUDA kernels are registered for every extension op (they
+need no GPU to be registered).
 """
 
 from __future__ import annotations
 
 import torch
-
-EXTENSION_OPS = ("vpfast::token_mix", "vpfast::token_mix_backward")
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -55,12 +54,16 @@ def check_token_mix(generator: torch.Generator) -> float:
 def run(tolerance: float = 1e-5) -> list[tuple[str, bool, str]]:
     """(check, passed, detail) for every check; raises nothing."""
     from vpfast import _extension
-    from vpfast.ops import _dispatch
+    from vpfast.ops import OPS, _dispatch, _library, _torch_shim
 
     generator = torch.Generator().manual_seed(0)
     results = []
-    for name, check in (("compose", check_compose), ("token_mix", check_token_mix)):
-        backend = {"cuda": "vpfast._C"}.get(_dispatch.choose(name, torch.device("cpu")), "reference")
+    for name in OPS:
+        check = globals().get(f"check_{name}")  # looked up per run, so a test can replace one
+        if check is None:
+            results.append((f"{name} on CPU", False, f"no self-test for this op (vpfast/selftest.py check_{name})"))
+            continue
+        backend = _dispatch.choose(name, torch.device("cpu"))
         try:
             error = check(generator)
             results.append((f"{name} on CPU ({backend}) vs float64 reference", error < tolerance,
@@ -72,8 +75,8 @@ def run(tolerance: float = 1e-5) -> list[tuple[str, bool, str]]:
     results.append(("extension vpfast._C", status.loaded or pure,
                     "loaded" if status.loaded else ("not built (pure-Python build)" if pure else status.reason)))
     if status.build_info.get("cuda_kernels"):
-        for op in EXTENSION_OPS:
-            registered = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+        for op in _library.EXTENSION_OPS:
+            registered = _torch_shim.has_kernel(op, "CUDA")
             results.append((f"{op} has CUDA kernels registered", registered, "yes" if registered else "missing"))
     return results
 

@@ -1,8 +1,9 @@
-// vpfast::token_mix and vpfast::token_mix_backward on CUDA tensors: argument checks, buffers and
-// launches on the current stream (the kernels and what they compute: token_mix_kernels.cuh).
+// vpfast::_ext_token_mix and vpfast::_ext_token_mix_backward on CUDA tensors (the "cuda" backend of
+// token_mix, schemas in vpfast/ops/token_mix.py): argument checks, buffers and launches on the current
+// stream (the kernels and what they compute: token_mix_kernels.cuh).
 //
-// Besides the outputs, both ops allocate B*M x 5 floats of row statistics, and the forward a
-// workspace of at most kWorkspaceWeights weights. The products go through aten::mm.out on views of
+// Besides the outputs, the forward allocates a workspace of at most kWorkspaceWeights weights, the
+// backward B*M x 5 floats of row statistics. The products go through aten::mm.out on views of
 // these buffers. Nothing synchronizes with the host, so both ops can be captured in a CUDA graph.
 
 #include <cuda_runtime.h>
@@ -76,13 +77,11 @@ Tensor token_mix_cuda(const Tensor& logits, const Tensor& library, double tau, b
   const int64_t chunk_rows = weight_chunk_rows(rows, n);
   torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
   Tensor p = torch::stable::new_empty(z, {z.size(0), z.size(1), d});
-  Tensor stats = torch::stable::new_empty(z, {rows, 5}, ScalarType::Float);
   Tensor workspace = torch::stable::new_empty(z, {chunk_rows, n});
   dispatch_cuda_dtype(z.scalar_type(), [&](auto scalar) {
     using scalar_t = decltype(scalar);
     forward_launches<scalar_t>(launcher_for(z), gemm_for(z), static_cast<const scalar_t*>(z.const_data_ptr()),
                                static_cast<const scalar_t*>(t.const_data_ptr()),
-                               static_cast<RowStats*>(stats.mutable_data_ptr()),
                                static_cast<scalar_t*>(workspace.mutable_data_ptr()), chunk_rows,
                                static_cast<scalar_t*>(p.mutable_data_ptr()), rows, n, d, o);
   });
@@ -119,6 +118,6 @@ std::tuple<Tensor, Tensor> token_mix_backward_cuda(const Tensor& grad, const Ten
 }  // namespace vpfast::token_mix
 
 STABLE_TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
-  m.impl("token_mix", TORCH_BOX(&vpfast::token_mix::token_mix_cuda));
-  m.impl("token_mix_backward", TORCH_BOX(&vpfast::token_mix::token_mix_backward_cuda));
+  m.impl("_ext_token_mix", TORCH_BOX(&vpfast::token_mix::token_mix_cuda));
+  m.impl("_ext_token_mix_backward", TORCH_BOX(&vpfast::token_mix::token_mix_backward_cuda));
 }

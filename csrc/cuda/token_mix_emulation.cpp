@@ -131,21 +131,53 @@ template <class scalar_t>
 void run(torch::headeronly::ScalarType dtype, bool backward, const void* dp, const void* z, const void* t, void* out,
          void* dz, int64_t rows, int64_t n, int64_t d, const Options& o, int64_t chunk_rows) {
   const AtenGemm gemm{torch::headeronly::DeviceType::CPU, -1, dtype};
-  std::vector<RowStats> stats(rows);
   const auto* zs = static_cast<const scalar_t*>(z);
   const auto* ts = static_cast<const scalar_t*>(t);
   if (backward) {
+    std::vector<RowStats> stats(rows);
     backward_launches<scalar_t>(EmulatedLauncher{}, gemm, static_cast<const scalar_t*>(dp), zs, ts,
                                 stats.data(), static_cast<scalar_t*>(dz), static_cast<scalar_t*>(out), rows, n, d, o);
     return;
   }
   std::vector<scalar_t> workspace(chunk_rows * n, static_cast<scalar_t>(NAN));
-  forward_launches<scalar_t>(EmulatedLauncher{}, gemm, zs, ts, stats.data(), workspace.data(), chunk_rows,
+  forward_launches<scalar_t>(EmulatedLauncher{}, gemm, zs, ts, workspace.data(), chunk_rows,
                              static_cast<scalar_t*>(out), rows, n, d, o);
 }
 
+// Counts what a launch sequence issues, running nothing: the launch plan.
+struct Counter {
+  int64_t* kernels;
+  int64_t* gemms;
+
+  template <class Kernel, class... Args>
+  void operator()(Kernel, dim3, dim3, Args...) const {
+    ++*kernels;
+  }
+  template <class T>
+  void operator()(MatrixView<T>, MatrixView<const T>, MatrixView<const T>) const {
+    ++*gemms;
+  }
+};
+
 }  // namespace
 }  // namespace vpfast::token_mix
+
+// The launch plan of the CUDA launcher (token_mix.cu) for `rows` x `n` logits and d-wide tokens:
+// kernel launches and GEMMs of the forward (backward = 0) or of the backward, as the launcher would issue
+// them (the workspace size is the launcher's own choice).
+extern "C" void vpfast_token_mix_launch_plan(int backward, int64_t rows, int64_t n, int64_t d, int64_t* kernels,
+                                             int64_t* gemms) {
+  using namespace vpfast::token_mix;
+  *kernels = *gemms = 0;
+  const Counter count{kernels, gemms};
+  const Options o{};
+  if (backward != 0) {
+    backward_launches<float>(count, count, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, rows, n, d, o);
+  } else {
+    forward_launches<float>(count, count, nullptr, nullptr, nullptr, weight_chunk_rows(rows, n), nullptr, rows, n,
+                            d, o);
+  }
+}
 
 // dtype: 0 float32, 1 bfloat16, 2 float16. Forward: out = P (rows x d). Backward (dp given): dz (rows x n)
 // and out = dT (n x d). chunk_rows: rows per forward chunk, 0 for the CUDA launcher's choice.

@@ -38,8 +38,10 @@ namespace vpfast::token_mix {
 
 constexpr int kRowWarps = 4;  // rows per block of the row kernels (one warp per row)
 constexpr uint32_t kNoArgmax = 0xffffffffU;
-// The forward's workspace: at most this many weights (1 MiB in bfloat16) are in memory at once.
-constexpr int64_t kWorkspaceWeights = int64_t{1} << 19;
+// The forward's workspace: at most this many weights (8 MiB in bfloat16, 16 MiB in float32) are in
+// memory at once, whatever B: one chunk, so one weights kernel and one GEMM, up to B*M*N = 2^22
+// (PGN's B=256, M=16, N=1024).
+constexpr int64_t kWorkspaceWeights = int64_t{1} << 22;
 
 // What the weights kernel leaves for each row r = b * M + m.
 struct RowStats {
@@ -115,7 +117,8 @@ __device__ __forceinline__ float rescaled(float sum, float from, float to) {
   return sum == 0.f ? 0.f : sum * expf(from - to);
 }
 
-// Rows [r_begin, r_end): statistics into stats[r], the forward weights A_fwd[r] into w[r - r_begin].
+// Rows [r_begin, r_end): statistics into stats[r] (unless stats is null: the forward needs none), the
+// forward weights A_fwd[r] into w[r - r_begin].
 template <class scalar_t>
 __global__ void __launch_bounds__(kRowWarps * 32)
     token_mix_weights_kernel(const scalar_t* __restrict__ z, RowStats* __restrict__ stats, scalar_t* __restrict__ w,
@@ -157,7 +160,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     best = merged;
   }
   const RowStats st{best, 1.f / sum, threshold, arg, key};
-  if (lane == 0) {
+  if (lane == 0 && stats != nullptr) {
     stats[r] = st;
   }
   scalar_t* wr = w + (r - r_begin) * n;
@@ -211,21 +214,20 @@ inline int64_t weight_chunk_rows(int64_t rows, int64_t n) {
 }
 
 // `launch(kernel, grid, block, args...)` runs one kernel, `gemm(c, a, b)` computes c = a @ b.
-// `stats` holds `rows` RowStats, `workspace` chunk_rows x n weights.
+// `workspace` holds chunk_rows x n weights: ceil(rows / chunk_rows) x (one weights kernel + one GEMM).
 template <class scalar_t, class Launch, class Gemm>
-void forward_launches(Launch&& launch, Gemm&& gemm, const scalar_t* z, const scalar_t* t, RowStats* stats,
-                      scalar_t* workspace, int64_t chunk_rows, scalar_t* p, int64_t rows, int64_t n, int64_t d,
+void forward_launches(Launch&& launch, Gemm&& gemm, const scalar_t* z, const scalar_t* t, scalar_t* workspace, int64_t chunk_rows, scalar_t* p, int64_t rows, int64_t n, int64_t d,
                       const Options& o) {
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
     const int64_t count = chunk_rows < rows - r0 ? chunk_rows : rows - r0;
-    launch(token_mix_weights_kernel<scalar_t>, dim3(ceil_div(count, kRowWarps)), dim3(kRowWarps * 32), z, stats,
-           workspace, r0, r0 + count, n, o);
+    launch(token_mix_weights_kernel<scalar_t>, dim3(ceil_div(count, kRowWarps)), dim3(kRowWarps * 32), z,
+           static_cast<RowStats*>(nullptr), workspace, r0, r0 + count, n, o);
     gemm(MatrixView<scalar_t>{p + r0 * d, count, d, d, 1}, MatrixView<const scalar_t>{workspace, count, n, n, 1},
          MatrixView<const scalar_t>{t, n, d, d, 1});
   }
 }
 
-// Fills dz (rows x n) and dt (n x d).
+// Fills dz (rows x n) and dt (n x d): two row kernels and two GEMMs. `stats` holds `rows` RowStats.
 template <class scalar_t, class Launch, class Gemm>
 void backward_launches(Launch&& launch, Gemm&& gemm, const scalar_t* dp, const scalar_t* z, const scalar_t* t,
                        RowStats* stats, scalar_t* dz, scalar_t* dt, int64_t rows, int64_t n, int64_t d,

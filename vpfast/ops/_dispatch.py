@@ -1,38 +1,75 @@
-"""Backend choice per call: which implementation of an op runs for a given device.
+"""Backend selection: which implementation of an op runs for a device and dtype, for calls and ``vpfast info``.
 
-CUDA tensors take the fused kernels, CPU tensors the reference (the spec).
-``VPFAST_BACKEND=reference|triton|cuda`` forces one backend for every op that
-has it; forcing ``triton`` on CPU tensors runs the kernels under
-``TRITON_INTERPRET=1``. A fast path that cannot run warns once and falls back
-to the reference; ``vpfast info`` shows what each op will use.
+Each op registers its backends in order of preference, the reference (the spec) last. A backend
+declares the device types it is chosen on by default, the dtypes it takes and, through ``runs_on``,
+why it cannot run on a device here (Triton missing, the extension not loaded). :func:`select` picks the
+first one that can run; a preferred backend that cannot run warns once and shows in ``vpfast info``
+(:func:`backend_table`, the same selection). ``VPFAST_BACKEND=reference|triton|cpp|cuda`` forces one
+backend for every op that has it, and raises where it cannot run; forcing ``triton`` on CPU tensors
+runs the kernels under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+from vpfast import _extension
+from vpfast._warn import warn_once
 
-# op name -> device type -> fast backends in order of preference.
-OP_BACKENDS: dict[str, dict[str, tuple[str, ...]]] = {}
-
-_warned: set[str] = set()
-
-
-def register_op(name: str, fast: dict[str, tuple[str, ...]]) -> None:
-    """Declare the fast backends an op has per device type (the reference always exists)."""
-    OP_BACKENDS[name] = fast
+BACKENDS = ("reference", "triton", "cpp", "cuda")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
-def warn_once(key: str, message: str) -> None:
-    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _runs_anywhere(device_type: str) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op: where it is chosen by default, the dtypes it takes, its kernels.
+
+    ``forward`` and ``backward`` take the op's (and its backward op's) tensors, then its options.
+    ``runs_on(device_type)`` says why it cannot run on that device type here ("" when it can).
+    ``modules``: the kernel files it launches (for the ahead-of-time compile and the tests' poisoning).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    forward: Callable
+    backward: Callable
+    runs_on: Callable[[str], str] = _runs_anywhere
+    modules: tuple[str, ...] = ()
+
+    def why_not(self, device_type: str, dtype: torch.dtype) -> str:
+        """Why this backend cannot run ``dtype`` tensors on ``device_type`` here, or ""."""
+        if dtype not in self.dtypes:
+            return f"{self.name} takes {', '.join(_dtype_name(d) for d in self.dtypes)}"
+        return self.runs_on(device_type)
+
+
+OPS: dict[str, tuple[Backend, ...]] = {}
+
+
+def register(op: str, backends: tuple[Backend, ...]) -> None:
+    """Declare ``op``'s backends in order of preference; the last must be the reference."""
+    if backends[-1].name != "reference" or backends[-1].devices != DEVICE_TYPES:
+        raise ValueError(f"{op}: the last backend must be the reference, chosen on {DEVICE_TYPES}")
+    OPS[op] = backends
+
+
+def kernel_modules(backend: str) -> tuple[str, ...]:
+    """The kernel files of every op's ``backend`` backend, e.g. the Triton ones for the AOT compile."""
+    return tuple(m for backends in OPS.values() for b in backends if b.name == backend for m in b.modules)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def forced_backend() -> str | None:
@@ -59,80 +96,105 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_available(backend: str, device_type: str) -> tuple[bool, str]:
-    """Whether ``backend`` can run on ``device_type`` here, and why not."""
-    if backend == "reference":
-        return True, ""
-    if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            return False, why
-        if device_type == "cuda" or (device_type == "cpu" and interpreter_enabled()):
-            return True, ""
-        return False, f"Triton runs {device_type} tensors only under TRITON_INTERPRET=1"
-    if backend == "cuda":
-        from vpfast import _extension
+def triton_runs_on(device_type: str) -> str:
+    """Why the Triton kernels cannot run on ``device_type`` here ("" when they can)."""
+    ok, why = triton_status()
+    if not ok:
+        return why
+    if device_type == "cuda" or (device_type == "cpu" and interpreter_enabled()):
+        return ""
+    return f"Triton runs {device_type} tensors only under TRITON_INTERPRET=1"
 
+
+def extension_runs_on(kernel_device: str) -> Callable[[str], str]:
+    """``runs_on`` of the extension's kernels for ``kernel_device`` tensors ("cpu" or "cuda")."""
+
+    def runs_on(device_type: str) -> str:
+        if device_type != kernel_device:
+            return f"vpfast._C's {kernel_device} kernels take {kernel_device} tensors"
         status = _extension.status()
         if not status.loaded:
-            return False, status.reason
-        if device_type == "cuda" and not status.has_cuda:
-            return False, "vpfast._C was built without CUDA kernels"
-        return True, ""
-    raise ValueError(f"unknown backend {backend!r}")
+            return status.reason
+        if kernel_device == "cuda" and not status.has_cuda:
+            return "vpfast._C was built without CUDA kernels"
+        return ""
+
+    return runs_on
 
 
-def _all_backends(op: str) -> tuple[str, ...]:
-    """The fast backends ``op`` has on any device (forcing one runs it where it can run, e.g. Triton
-    on CPU tensors under the interpreter)."""
-    return tuple(dict.fromkeys(b for fast in OP_BACKENDS[op].values() for b in fast))
+class BackendError(RuntimeError):
+    """VPFAST_BACKEND names a backend that cannot run the call; ``why`` is the reason alone."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
-def choose(op: str, device: torch.device) -> str:
-    """The backend that ``op`` runs for tensors on ``device`` (warns once on a fallback)."""
-    fast = OP_BACKENDS[op].get(device.type, ())
-    forced = forced_backend()
+def _select(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -> tuple[Backend, str]:
+    """(backend, why the preferred ones were skipped) with ``VPFAST_BACKEND=forced``, as of now."""
+    backends = OPS[op]
     if forced is not None:
-        if forced == "reference":
-            return forced
-        if forced not in _all_backends(op):
-            raise RuntimeError(f"VPFAST_BACKEND={forced}, but {op} has no {forced} backend "
-                               f"(it has {('reference', *_all_backends(op))})")
-        ok, why = backend_available(forced, device.type)
-        if not ok:
-            raise RuntimeError(f"VPFAST_BACKEND={forced} cannot run {op} on {device.type}: {why}")
-        return forced
-    for backend in fast:
-        ok, why = backend_available(backend, device.type)
-        if ok:
-            return backend
-        warn_once(
-            f"{op}:{device.type}:{backend}",
-            f"vpfast: {op} falls back to the reference on {device.type} ({backend} unavailable: {why})",
-        )
-    return "reference"
+        by_name = {b.name: b for b in backends}
+        if forced not in by_name:
+            why = f"{op} has no {forced} backend (it has {tuple(by_name)})"
+            raise BackendError(f"VPFAST_BACKEND={forced}, but {why}", why)
+        why = by_name[forced].why_not(device_type, dtype)
+        if why:
+            raise BackendError(f"VPFAST_BACKEND={forced} cannot run {op} on {device_type} with "
+                               f"{_dtype_name(dtype)}: {why}", why)
+        return by_name[forced], ""
+    notes = []
+    for backend in backends:
+        if device_type in backend.devices:
+            why = backend.why_not(device_type, dtype)
+            if not why:
+                return backend, "; ".join(notes)
+            notes.append(f"{backend.name} unavailable: {why}")
+    raise AssertionError("unreachable: the reference runs everywhere")
+
+
+# (op, device type, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
+_chosen: dict[tuple, tuple[Backend, str, _extension.ExtensionStatus]] = {}
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend ``op`` runs for ``dtype`` tensors on ``device``; warns once when it is a fallback.
+
+    Runs on every call: the environment is read each time (tests and users change it), the choice is cached.
+    """
+    forced = os.environ.get("VPFAST_BACKEND")
+    key = (op, device.type, dtype, forced, forced and os.environ.get("TRITON_INTERPRET"))
+    status = _extension.status()
+    entry = _chosen.get(key)
+    if entry is None or entry[2] is not status:  # a reloaded extension status invalidates the choice
+        entry = (*_select(op, device.type, dtype, forced_backend()), status)
+        _chosen[key] = entry
+    if entry[1]:
+        warn_once(f"{op}:{device.type}:{dtype}", f"vpfast: {op} with {_dtype_name(dtype)} {device.type} tensors "
+                                                 f"runs the {entry[0].name} backend ({entry[1]})")
+    return entry[0]
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The name of the backend ``op`` runs for ``dtype`` tensors on ``device``."""
+    return select(op, device, dtype).name
+
+
+def describe(op: str, device_type: str) -> str:
+    """What ``op`` runs on ``device_type`` for each dtype it takes, as ``vpfast info`` shows it (no warning)."""
+    groups: dict[str, list[str]] = {}
+    for dtype in OPS[op][-1].dtypes:
+        try:
+            backend, notes = _select(op, device_type, dtype, forced_backend())
+            entry = backend.name + (f" ({notes})" if notes else "")
+        except BackendError as exc:
+            entry = f"error: {exc.why}"
+        groups.setdefault(entry, []).append(_dtype_name(dtype))
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{', '.join(dtypes)}: {entry}" for entry, dtypes in groups.items())
 
 
 def backend_table() -> dict[str, dict[str, str]]:
-    """For ``vpfast info``: the backend each registered op uses per device type, without warning."""
-    table: dict[str, dict[str, str]] = {}
-    forced = forced_backend()
-    for op, fast in OP_BACKENDS.items():
-        row = {}
-        for device_type in ("cpu", "cuda"):
-            if forced is not None:
-                ok, why = backend_available(forced, device_type)
-                if forced not in ("reference", *_all_backends(op)):
-                    ok, why = False, f"{op} has no {forced} backend"
-                row[device_type] = forced if ok else f"error: {why}"
-                continue
-            chosen, notes = "reference", []
-            for backend in fast.get(device_type, ()):
-                ok, why = backend_available(backend, device_type)
-                if ok:
-                    chosen = backend
-                    break
-                notes.append(f"{backend} unavailable: {why}")
-            row[device_type] = chosen + (f" ({'; '.join(notes)})" if notes else "")
-        table[op] = row
-    return table
+    """For ``vpfast info``: per op and device type, the backend for each dtype."""
+    return {op: {device_type: describe(op, device_type) for device_type in DEVICE_TYPES} for op in OPS}

@@ -2,13 +2,14 @@
 
 The op behind EVP and the pixel prompters (contract: DESIGN.md, "compose").
 This file holds the argument checks, the reference implementation (plain
-PyTorch: the specification and the CPU path), the ``torch.library``
-registration with fake and autograd, and the dispatch to the Triton kernels
-in ``vpfast.kernels.compose``.
+PyTorch: the specification and the CPU path), and the op's definition
+(vpfast/ops/_library.py): its options, fake, autograd and backends (the
+Triton kernels in ``vpfast.kernels.compose`` and the reference).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,8 +26,6 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GRAD_NORM_EPS = 1e-12
 
-_dispatch.register_op("compose", {"cuda": ("triton",)})
-
 
 class Layout(NamedTuple):
     """Geometry of the canvas: size S, inner size s and the inner image's offset."""
@@ -42,17 +41,39 @@ def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def check_int(name: str, value: object) -> None:
+    """Raise unless ``value`` is an int (a SymInt under torch.compile); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def check_finite(name: str, value: object) -> None:
+    """Raise unless ``value`` is a finite real number (a comparison: it also holds for symbolic floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            or not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
+    """``value`` (a sequence or tensor, one value per channel) as a float32 vector on ``device``.
+
+    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read.
+    """
     if value is None:
         return None
-    vec = torch.as_tensor(value, dtype=torch.float32).flatten()
+    vec = value if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.dim() == 1 \
+        else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
     if vec.device != device and vec.device.type != "cpu":
         raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if nonzero and _host_values(vec) and bool((vec == 0).any()):
-        raise ValueError(f"{name} must be non-zero, got {vec.tolist()}")
-    return vec.to(device, non_blocking=True)
+    if _host_values(vec):
+        values = vec.tolist()
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"{name} must be finite, got {values}")
+        if nonzero and not all(values):
+            raise ValueError(f"{name} must be non-zero, got {values}")
+    return vec if vec.device == device else vec.to(device, non_blocking=True)
 
 
 def _host_values(t: torch.Tensor) -> bool:
@@ -121,8 +142,8 @@ def compose(
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if images.dtype not in IMAGE_DTYPES:
         raise ValueError(f"images must have a dtype in {IMAGE_DTYPES}, got {images.dtype}")
-    batch, channels, _, _ = images.shape
-    if batch < 1 or images.shape[2] < 1 or images.shape[3] < 1:
+    batch, channels, height, width = images.shape
+    if batch < 1 or height < 1 or width < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 3 or prompt.shape[0] != channels \
             or prompt.shape[1] != prompt.shape[2]:
@@ -130,43 +151,50 @@ def compose(
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
     if prompt.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
-    if prompt.device != images.device:
-        raise ValueError(f"prompt is on {prompt.device} but images are on {images.device}")
+    device = images.device
+    if prompt.device != device:
+        raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
     size = prompt.shape[1]
+    check_int("inner_size", inner_size)
     if not 0 < inner_size <= size:
         raise ValueError(f"inner_size must be in (0, {size}] (the canvas size S), got {inner_size}")
     if offset is None:
         offset = ((size - inner_size) // 2, (size - inner_size) // 2)
-    oy, ox = (int(v) for v in offset)
+    if not isinstance(offset, (tuple, list)) or len(offset) != 2:
+        raise ValueError(f"offset must be a pair (oy, ox) of ints, got {offset!r}")
+    check_int("offset[0]", offset[0])
+    check_int("offset[1]", offset[1])
+    oy, ox = offset
     if not (0 <= oy <= size - inner_size and 0 <= ox <= size - inner_size):
         raise ValueError(f"offset {tuple(offset)} puts the {inner_size} x {inner_size} image off the "
                          f"{size} x {size} canvas: each must be in [0, {size - inner_size}]")
     if mask is not None:
         if mask.shape != (size, size):
             raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
-        if mask.device != images.device:
-            raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
-        mask = mask.to(prompt.dtype)
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but images are on {device}")
+        if mask.dtype != prompt.dtype:
+            mask = mask.to(prompt.dtype)
+    check_finite("fill", fill)
     check_choice("mode", mode, MODES)
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
     check_choice("grad_region", grad_region, GRAD_REGIONS)
     check_choice("grad_norm", grad_norm, GRAD_NORMS)
-    mean_t = channel_vector("mean", mean, channels, images.device)
-    std_t = channel_vector("std", std, channels, images.device, nonzero=True)
+    mean_t = channel_vector("mean", mean, channels, device)
+    std_t = channel_vector("std", std, channels, device, nonzero=True)
     if transform is not None:
-        if transform.device != images.device and transform.device.type != "cpu":
-            raise ValueError(f"transform is on {transform.device} but images are on {images.device}")
+        if transform.device != device and transform.device.type != "cpu":
+            raise ValueError(f"transform is on {transform.device} but images are on {device}")
         if _host_values(transform):
             check_transform(transform, batch, size)
-        transform = transform.to(device=images.device, dtype=torch.int32, non_blocking=True).contiguous()
+        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
         out_dtype = prompt.dtype
     check_choice("out_dtype", out_dtype, OUT_DTYPES)
     check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
-    return torch.ops.vpfast.compose(
-        images, prompt, mask, mean_t, std_t, transform, inner_size, oy, ox, float(fill), mode, bool(antialias),
-        prompt_space, grad_region, grad_norm or "none", out_dtype, memory_format == torch.channels_last,
-    )
+    options = ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
+                             grad_norm or "none", out_dtype, memory_format == torch.channels_last)
+    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
 
 
 # --------------------------------------------------------------------------- reference
@@ -249,6 +277,11 @@ def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already ``dtype`` (a no-op .to costs microseconds per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compose_backward_reference(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,
@@ -260,13 +293,13 @@ def compose_backward_reference(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The prompt gradient specification: per-sample gradients over the region, then the batch rule."""
-    g = grad_out.to(dtype)
+    g = _as_dtype(grad_out, dtype)
     if transform is not None:
         g = transform_adjoint(g, transform)
     if prompt_space == "pixel" and std is not None:
-        g = g / std.to(dtype).view(-1, 1, 1)
+        g = g / _as_dtype(std, dtype).view(-1, 1, 1)
     if grad_region == "prompt" and mask is not None:
-        g = g * mask.to(dtype)
+        g = g * _as_dtype(mask, dtype)
     if grad_norm in (None, "none"):
         return g.sum(0)
     flat = g.flatten(1)
@@ -277,75 +310,102 @@ def compose_backward_reference(
 # --------------------------------------------------------------------------- registration
 
 
-def _triton_kernels(device: torch.device, dtype: torch.dtype):
-    """The Triton launchers when dispatch picks them for this call, else None (the reference runs)."""
-    if _dispatch.choose("compose", device) != "triton":
-        return None
-    if dtype != torch.float32:
-        _dispatch.warn_once(f"compose:{dtype}", f"vpfast: compose with a {dtype} prompt runs the reference "
-                                                "(the Triton kernels compute in float32)")
-        return None
+class ComposeOptions(NamedTuple):
+    """compose's non-tensor arguments, as the op ``vpfast::compose`` takes them after its tensors."""
+
+    inner_size: _library.SymInt
+    oy: _library.SymInt
+    ox: _library.SymInt
+    fill: float
+    mode: str
+    antialias: bool
+    prompt_space: str
+    grad_region: str
+    grad_norm: str  # "none", "sample_l2" or "sample_l1"
+    out_dtype: torch.dtype
+    channels_last: bool
+
+
+class ComposeGradOptions(NamedTuple):
+    """The options of ``vpfast::compose_backward`` (the prompt gradient), after its tensors."""
+
+    prompt_space: str
+    grad_region: str
+    grad_norm: str
+    prompt_dtype: torch.dtype
+
+
+COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?", "transform?"), ComposeOptions)
+COMPOSE_BACKWARD = _library.OpDef("compose_backward", ("grad_out", "mask?", "std?", "transform?"), ComposeGradOptions)
+
+
+def _reference_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
+    layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
+    y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
+                          o.prompt_space)
+    if y.dtype == o.out_dtype and not o.channels_last and y.is_contiguous():
+        return y  # .to would be a no-op, at a cost per call
+    return y.to(dtype=o.out_dtype, memory_format=torch.channels_last if o.channels_last else torch.contiguous_format)
+
+
+def _reference_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> torch.Tensor:
+    return compose_backward_reference(grad_out, mask, std, transform, o.prompt_space, o.grad_region, o.grad_norm,
+                                      o.prompt_dtype)
+
+
+def _triton_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
     from vpfast.kernels import compose as kernels
 
-    return kernels
+    return kernels.compose_forward(
+        images, prompt, mask, mean, std, transform, o.inner_size, o.oy, o.ox, o.fill, o.mode, o.antialias,
+        o.prompt_space, o.out_dtype, torch.channels_last if o.channels_last else torch.contiguous_format,
+    )
 
 
-def _compose_kernel(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
-                    prompt_space, grad_region, grad_norm, out_dtype, channels_last):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    kernels = _triton_kernels(images.device, prompt.dtype)
-    if kernels is not None:
-        return kernels.compose_forward(
-            images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias, prompt_space,
-            out_dtype, memory_format,
-        )
-    layout = Layout(prompt.shape[-1], inner_size, oy, ox)
-    y = compose_reference(images, prompt, mask, mean, std, transform, layout, fill, mode, antialias, prompt_space)
-    return y.to(dtype=out_dtype, memory_format=memory_format)
+def _triton_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> torch.Tensor:
+    from vpfast.kernels import compose as kernels
+
+    return kernels.compose_backward(grad_out, mask, std, transform, o.prompt_space, o.grad_region, o.grad_norm,
+                                    GRAD_NORM_EPS)
 
 
-def _compose_fake(images, prompt, mask, mean, std, transform, inner_size, oy, ox, fill, mode, antialias,
-                  prompt_space, grad_region, grad_norm, out_dtype, channels_last):
+_dispatch.register("compose", (
+    _dispatch.Backend("triton", ("cuda",), (torch.float32,), _triton_forward, _triton_backward,
+                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",)),
+    _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32, torch.float64), _reference_forward,
+                      _reference_backward),
+))
+
+
+def _select(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> _dispatch.Backend:
+    return _dispatch.select("compose", images.device, prompt.dtype)
+
+
+def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
     size = prompt.shape[-1]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((images.shape[0], images.shape[1], size, size), dtype=out_dtype, device=images.device,
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    return torch.empty((images.shape[0], images.shape[1], size, size), dtype=options.out_dtype, device=images.device,
                        memory_format=memory_format)
 
 
-def _compose_backward_kernel(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
-    kernels = _triton_kernels(grad_out.device, prompt_dtype)
-    if kernels is not None:
-        return kernels.compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
-                                        GRAD_NORM_EPS)
-    return compose_backward_reference(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm,
-                                      prompt_dtype)
+def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
+    return _dispatch.select("compose", grad_out.device, options.prompt_dtype)
 
 
-def _compose_backward_fake(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, prompt_dtype):
-    return grad_out.new_empty(grad_out.shape[1:], dtype=prompt_dtype)
+def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
+    return grad_out.new_empty(grad_out.shape[1:], dtype=options.prompt_dtype)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, prompt, mask, _, std, transform, *_, prompt_space, grad_region, grad_norm, _, _ = inputs
+def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None:
+    _, prompt, mask, _, std, transform = tensors
     ctx.save_for_backward(mask, std, transform)
-    ctx.options = (prompt_space, grad_region, grad_norm, prompt.dtype)
+    ctx.grad_options = ComposeGradOptions(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    mask, std, transform = ctx.saved_tensors
-    grad_prompt = None
-    if ctx.needs_input_grad[1]:
-        grad_prompt = torch.ops.vpfast.compose_backward(grad, mask, std, transform, *ctx.options)
-    return (None, grad_prompt) + (None,) * 15
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor]:
+    return (_library.call_backward(ctx, compose_backward_op, (grad, *ctx.saved_tensors), ctx.grad_options),)
 
 
-_library.define(
-    "compose(Tensor images, Tensor prompt, Tensor? mask, Tensor? mean, Tensor? std, Tensor? transform, "
-    "SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, str prompt_space, "
-    "str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor", _compose_kernel)
-_library.define(
-    "compose_backward(Tensor grad_out, Tensor? mask, Tensor? std, Tensor? transform, str prompt_space, "
-    "str grad_region, str grad_norm, ScalarType prompt_dtype) -> Tensor", _compose_backward_kernel)
-torch.library.register_fake("vpfast::compose", _compose_fake, lib=_library.LIB)
-torch.library.register_fake("vpfast::compose_backward", _compose_backward_fake, lib=_library.LIB)
-_library.register_autograd("compose", _backward, _setup_context, differentiable=(1,))
+compose_op = _library.define(COMPOSE, _select, _compose_fake)
+compose_backward_op = _library.define(COMPOSE_BACKWARD, _select_backward, _compose_backward_fake, method="backward")
+_library.register_autograd(compose_op, _backward, _setup_context, differentiable=(1,))

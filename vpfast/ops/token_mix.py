@@ -2,26 +2,25 @@
 
 The op behind PGN's prompt generator (contract: DESIGN.md, "token_mix"; METHODS.md section 4). This
 file holds the argument checks, the reference implementation (plain PyTorch: the specification, on
-any device, float64-capable), the Gumbel noise both share with the compiled kernels, the fake and
-autograd registrations of the compiled ops ``vpfast::token_mix`` / ``vpfast::token_mix_backward``
-(defined in ``csrc/``) and the dispatch between the two.
+any device, float64-capable) of the forward and the backward, the Gumbel noise they share with the
+compiled kernels, and the ops ``vpfast::token_mix`` / ``vpfast::token_mix_backward``
+(vpfast/ops/_library.py): options, fakes, autograd and backends (the extension's C++ kernels, whose
+schemas ``vpfast::_ext_token_mix*`` are declared here, and the reference).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from vpfast import _extension
 from vpfast.ops import _dispatch, _library
 
 ACTIVATIONS = ("softmax", "sigmoid")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SEED_LIMIT = 2**63  # the op schema's seed is an int64
 _MASK32 = 0xFFFFFFFF
-
-_dispatch.register_op("token_mix", {"cpu": ("cuda",), "cuda": ("cuda",)})
 
 
 def _shape(value: object) -> object:
@@ -82,15 +81,16 @@ def token_mix(
     uses onehot(argmax S) in the forward and the soft gradient in the backward (straight-through).
     Gradients reach Z and T; ``tau`` is a fixed float, not learnable. Returns P in the logits' dtype.
 
-    Backends (``vpfast info``): the compiled extension ``vpfast._C`` (a C++ kernel for CPU tensors;
-    for float32, bfloat16 and float16 CUDA tensors, row kernels around cuBLAS products; float64 on
-    CUDA runs the reference), else the reference with a one-time warning;
-    ``VPFAST_BACKEND=reference`` forces the reference. On CUDA one warp per row computes the row's
-    statistics (max, normalizer, top-k threshold, argmax) and weights; the three products go to
-    ``aten::mm`` (tensor cores, float32 accumulation, the user's matmul precision settings). No
-    B x M x N tensor is allocated besides dZ: the forward writes its weights in chunks of at most
-    2**19 entries, the backward keeps them in dZ's own storage and recomputes A from Z and the row
-    statistics (csrc/cuda/token_mix_kernels.cuh).
+    Backends (``vpfast info``): ``cpp``, the C++ kernel of ``vpfast._C`` for CPU tensors; ``cuda``,
+    its row kernels around cuBLAS products for float32, bfloat16 and float16 CUDA tensors (float64 on
+    CUDA runs the reference); else the reference with a one-time warning. ``VPFAST_BACKEND=reference``
+    forces the reference. The backend is chosen inside the op on every call, also in a compiled
+    function. On CUDA one warp per row computes the row's statistics (max, normalizer, top-k
+    threshold, argmax) and weights; the three products go to ``aten::mm`` (tensor cores, float32
+    accumulation, the user's matmul precision settings). No B x M x N tensor is allocated besides dZ:
+    the forward writes its weights in chunks of at most 2**22 entries (one chunk, so one weights
+    kernel and one GEMM, at PGN's B=256, M=16, N=1024), the backward keeps them in dZ's own storage
+    and recomputes A from Z and the row statistics (csrc/cuda/token_mix_kernels.cuh).
 
     Verified where (tests/test_token_mix*.py): the reference against an independent float64 model,
     its gradients against the derived formulas; the C++ CPU kernel against the reference for every
@@ -105,29 +105,8 @@ def token_mix(
     _check(logits, library, tau, gumbel, seed, topk, hard, activation)
     if gumbel and seed is None:
         seed = int(torch.empty((), dtype=torch.int64).random_())  # uniform in [0, 2**63)
-    if not gumbel:
-        seed = None
-    if _use_extension(logits.device, logits.dtype):
-        return torch.ops.vpfast.token_mix(logits, library, float(tau), gumbel, seed or 0, topk or 0, hard,
-                                          activation)
-    return token_mix_reference(logits, library, tau=tau, gumbel=gumbel, seed=seed, topk=topk, hard=hard,
-                               activation=activation)
-
-
-@torch.compiler.assume_constant_result
-def _use_extension(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this call runs the compiled kernels (dispatch picks them and they take the dtype).
-
-    A constant for torch.compile (read once while tracing, not traced into), so the choice costs
-    no graph break; a compiled function keeps the backend it was traced with.
-    """
-    if _dispatch.choose("token_mix", device) != "cuda":
-        return False
-    if device.type == "cuda" and dtype == torch.float64:
-        _dispatch.warn_once("token_mix:cuda:float64", "vpfast: token_mix with float64 CUDA tensors runs the "
-                                                      "reference (the CUDA kernels take float32, bfloat16, float16)")
-        return False
-    return True
+    options = TokenMixOptions(float(tau), gumbel, seed if gumbel else 0, topk or 0, hard, activation)
+    return token_mix_op((logits, library), options)
 
 
 # --------------------------------------------------------------------------- reference
@@ -194,30 +173,124 @@ def token_mix_reference(
     return (a @ library.to(acc)).to(logits.dtype)
 
 
-# --------------------------------------------------------------------------- compiled ops
+def token_mix_backward_reference(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    library: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    gumbel: bool = False,
+    seed: int | None = None,
+    topk: int | None = None,
+    hard: bool = False,
+    activation: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient specification: (dZ, dT) of token_mix_reference for the output gradient ``grad``.
+
+    ``dT = W^T dP`` with W the forward weights (onehot(argmax S) in hard mode, else A);
+    ``dA = dP T^T``; ``dS = A (dA - rowsum(A dA))`` for softmax, ``A (1 - A) dA`` for sigmoid (the soft
+    A also in hard mode: straight-through); ``dZ = dS / tau``. Same precision rules as the forward.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    s = logits.to(acc)
+    if gumbel:
+        if seed is None:
+            raise ValueError("token_mix_backward_reference needs a seed with gumbel=True")
+        batch, m, n = logits.shape
+        s = s + gumbel_noise(seed, batch * m, n, acc, logits.device).view(batch, m, n)
+    s = s / tau
+    if topk is not None:
+        s = s.masked_fill(s < s.topk(topk, dim=-1).values[..., -1:], -math.inf)
+    a = torch.softmax(s, dim=-1) if activation == "softmax" else torch.sigmoid(s)
+    weights = torch.zeros_like(a).scatter_(-1, s.argmax(-1, keepdim=True), 1.0) if hard else a
+    dp, t = grad.to(acc), library.to(acc)
+    da = dp @ t.T
+    if activation == "softmax":
+        ds = a * (da - (a * da).sum(-1, keepdim=True))
+    else:
+        ds = a * (1 - a) * da
+    dt = weights.flatten(0, 1).T @ dp.flatten(0, 1)
+    return (ds / tau).to(logits.dtype), dt.to(library.dtype)
 
 
-def _fake(logits, library, tau, gumbel, seed, topk, hard, activation):
+# --------------------------------------------------------------------------- the op
+
+
+class TokenMixOptions(NamedTuple):
+    """token_mix's non-tensor arguments as the ops take them: seed 0 without gumbel, topk 0 for all N."""
+
+    tau: float
+    gumbel: bool
+    seed: int
+    topk: int
+    hard: bool
+    activation: str
+
+    def reference_kwargs(self) -> dict:
+        """The keyword arguments of token_mix_reference and token_mix_backward_reference."""
+        return dict(tau=self.tau, gumbel=self.gumbel, seed=self.seed if self.gumbel else None,
+                    topk=self.topk or None, hard=self.hard, activation=self.activation)
+
+
+TOKEN_MIX = _library.OpDef("token_mix", ("logits", "library"), TokenMixOptions)
+TOKEN_MIX_BACKWARD = _library.OpDef("token_mix_backward", ("grad", "logits", "library"), TokenMixOptions,
+                                    returns="(Tensor, Tensor)")
+# The compiled extension's kernels (csrc/token_mix.cpp for CPU tensors, csrc/cuda/token_mix.cu for CUDA ones).
+_extension_forward = _library.declare(_library.OpDef("_ext_token_mix", TOKEN_MIX.tensors, TokenMixOptions))
+_extension_backward = _library.declare(_library.OpDef("_ext_token_mix_backward", TOKEN_MIX_BACKWARD.tensors,
+                                                      TokenMixOptions, returns="(Tensor, Tensor)"))
+
+
+def _compiled_forward(logits, library, o: TokenMixOptions) -> torch.Tensor:
+    return _extension_forward(logits, library, *o)
+
+
+def _compiled_backward(grad, logits, library, o: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    return _extension_backward(grad, logits, library, *o)
+
+
+def _reference_forward(logits, library, o: TokenMixOptions) -> torch.Tensor:
+    return token_mix_reference(logits, library, **o.reference_kwargs())
+
+
+def _reference_backward(grad, logits, library, o: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_mix_backward_reference(grad, logits, library, **o.reference_kwargs())
+
+
+_dispatch.register("token_mix", (
+    _dispatch.Backend("cpp", ("cpu",), DTYPES, _compiled_forward, _compiled_backward,
+                      _dispatch.extension_runs_on("cpu")),
+    _dispatch.Backend("cuda", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), _compiled_forward,
+                      _compiled_backward, _dispatch.extension_runs_on("cuda")),
+    _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, DTYPES, _reference_forward, _reference_backward),
+))
+
+
+def _select(logits, library, options: TokenMixOptions) -> _dispatch.Backend:
+    return _dispatch.select("token_mix", logits.device, logits.dtype)
+
+
+def _fake(logits, library, options: TokenMixOptions) -> torch.Tensor:
     return logits.new_empty((logits.shape[0], logits.shape[1], library.shape[1]))
 
 
-def _backward_fake(grad, logits, library, tau, gumbel, seed, topk, hard, activation):
+def _select_backward(grad, logits, library, options: TokenMixOptions) -> _dispatch.Backend:
+    return _dispatch.select("token_mix", logits.device, logits.dtype)
+
+
+def _backward_fake(grad, logits, library, options: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.new_empty(logits.shape), library.new_empty(library.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logits, library, *options = inputs
-    ctx.save_for_backward(logits, library)
+def _setup_context(ctx, tensors: tuple, options: TokenMixOptions, output) -> None:
+    ctx.save_for_backward(*tensors)
     ctx.options = options
 
 
-def _backward(ctx, grad: torch.Tensor):
-    logits, library = ctx.saved_tensors
-    grad_logits, grad_library = torch.ops.vpfast.token_mix_backward(grad, logits, library, *ctx.options)
-    return (grad_logits, grad_library) + (None,) * len(ctx.options)
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _library.call_backward(ctx, token_mix_backward_op, (grad, *ctx.saved_tensors), ctx.options)
 
 
-if _extension.status().loaded:  # the ops exist only in the compiled extension
-    torch.library.register_fake("vpfast::token_mix", _fake, lib=_library.LIB)
-    torch.library.register_fake("vpfast::token_mix_backward", _backward_fake, lib=_library.LIB)
-    _library.register_autograd("token_mix", _backward, _setup_context, differentiable=(0, 1))
+token_mix_op = _library.define(TOKEN_MIX, _select, _fake)
+token_mix_backward_op = _library.define(TOKEN_MIX_BACKWARD, _select_backward, _backward_fake, method="backward")
+_library.register_autograd(token_mix_op, _backward, _setup_context, differentiable=(0, 1))
