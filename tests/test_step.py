@@ -174,7 +174,7 @@ def test_graph_support_and_the_cuda_graph_flag():
     plain = TrainStep(lambda x, y: x, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cpu)
     assert make_step(plain, None, "why", cpu) == (plain, "eager")  # no CUDA: no warning either
     assert make_step(plain, False, None, cpu) == (plain, "eager")
-    with pytest.warns(UserWarning, match="the training step runs eagerly, not in a CUDA graph: why"):
+    with pytest.warns(RuntimeWarning, match="the training step runs eagerly, not in a CUDA graph: why"):
         assert make_step(plain, None, "why", cuda) == (plain, "eager")
     with pytest.raises(ValueError, match="--cuda-graph is not available here: why"):
         make_step(plain, True, "why", cpu)

@@ -12,11 +12,12 @@ epoch. Every call is a real training step, whatever path it takes.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from vpfast._warn import warn_once
 
 
 class TrainStep:
@@ -138,13 +139,14 @@ def make_step(step: TrainStep, cuda_graph: bool | None, why_not: str | None,
               device: torch.device) -> tuple[Callable, str]:
     """(the callable step, the path taken: "eager" or "cuda-graph") for ``--cuda-graph`` on/off/default.
 
-    ``cuda_graph`` None: captured where supported, with a warning naming why not when training on CUDA.
+    ``cuda_graph`` None: captured where supported, with a warning (once per reason) naming why not when
+    training on CUDA.
     True where unsupported: an error naming why.
     """
     if cuda_graph is True and why_not is not None:
         raise ValueError(f"--cuda-graph is not available here: {why_not}")
     if cuda_graph is None and why_not is not None and device.type == "cuda":
-        warnings.warn(f"the training step runs eagerly, not in a CUDA graph: {why_not}", stacklevel=2)
+        warn_once(f"cuda-graph: {why_not}", f"the training step runs eagerly, not in a CUDA graph: {why_not}")
     if cuda_graph is False or why_not is not None:
         return step, "eager"
     return GraphedStep(step), "cuda-graph"
