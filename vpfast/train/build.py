@@ -12,6 +12,7 @@ from vpfast.pgn import PGN
 from vpfast.prompt_tokens import PromptedViT
 from vpfast.prompters import Diversity, EVPrompter, PadPrompter, PatchPrompter
 from vpfast.protuning import ProTuningAdapter
+from vpfast.train import fast
 from vpfast.train.config import PIXEL_METHODS, TrainConfig
 from vpfast.train.provp import PROVP_METHODS, build_provp_adapter
 
@@ -110,13 +111,15 @@ def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device
     """The frozen model named by ``cfg.model`` (CLIP gets a zero-shot head over ``classnames``)."""
     family, name = cfg.model.split(":", 1)
     autocast = torch.bfloat16 if cfg.amp == "bf16" else None
+    speed = dict(precision=fast.precision(cfg, device),
+                 compile=fast.compile_backbone(cfg, device, whole_backbone=cfg.method in PIXEL_METHODS))
     if family == "open_clip":
         return backbones.from_open_clip(name, _pretrained_flag(cfg.pretrained) or None, classnames=classnames,
                                         templates=tuple(cfg.templates), model_cfg=cfg.model_cfg, device=device,
-                                        autocast_dtype=autocast)
+                                        autocast_dtype=autocast, **speed)
     if family == "timm":
-        return backbones.from_timm(name, _pretrained_flag(cfg.pretrained), autocast_dtype=autocast)
-    return backbones.from_torchvision(name, cfg.pretrained, autocast_dtype=autocast)
+        return backbones.from_timm(name, _pretrained_flag(cfg.pretrained), autocast_dtype=autocast, **speed)
+    return backbones.from_torchvision(name, cfg.pretrained, autocast_dtype=autocast, **speed)
 
 
 def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module:
@@ -127,7 +130,8 @@ def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn
     scaled = max(1, round(30 * size / 224))
     diversity = Diversity(p=cfg.diversity) if cfg.diversity > 0 else None
     common = dict(image_size=size, mean=backbone.mean, std=backbone.std, mode=cfg.mode, antialias=cfg.antialias,
-                  diversity=diversity, grad_region=cfg.grad_region, seed=cfg.seed)
+                  diversity=diversity, grad_region=cfg.grad_region, seed=cfg.seed,
+                  out_dtype=torch.bfloat16 if backbone.precision == "bf16" else None)  # bf16 canvas, bf16 model
     if cfg.method == "evp":
         return EVPrompter(pad=cfg.pad or scaled, **common)
     if cfg.method == "pad":

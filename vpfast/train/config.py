@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpfast.train import provp
+from vpfast.train.data import DATA_DEVICES
+from vpfast.train.fast import PRECISIONS, SWITCHES
 
 METHODS = ("evp", "pad", "patch", "pgn", "protuning", "provp", "vpt")
 PIXEL_METHODS = ("evp", "pad", "patch")  # methods whose prompt is a picture; the others see normalized images
@@ -89,6 +91,8 @@ class TrainConfig:
                              low=1, accepts="an integer >= 1 (images per class) or None (all)", default_text="all")
     base_to_novel: bool = _opt(False, "data", "train on the first half of the classes; report base, novel and their "
                                               "harmonic mean (open_clip models)")
+    data_device: str = _opt("auto", "data", "where in-memory datasets are stored and batched; auto: the GPU when "
+                            "the uint8 images take at most a quarter of its free memory", choices=DATA_DEVICES)
     num_workers: int = _opt(2, "data", "data loader processes for torchvision and image-folder data", low=0)
     # model
     model: str = _opt("open_clip:ViT-B-32", "model", "frozen model: open_clip:NAME, timm:NAME or torchvision:NAME "
@@ -105,6 +109,10 @@ class TrainConfig:
                                 "CLIP zero-shot text templates, each with {} for the class name")
     amp: str | None = _opt(None, "model", "bf16: run the backbone under bfloat16 autocast", choices=(None, "bf16"),
                            default_text="float32")
+    precision: str = _opt("auto", "model", "frozen backbone precision: bf16 casts its weights once and composes bf16 "
+                          "canvases; auto is bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
+    compile: str = _opt("auto", "model", "torch.compile the frozen backbone (EVP, pad and patch); auto: on with CUDA",
+                        choices=SWITCHES)
     label_mapping: str = _opt("frequency", "model", "ImageNet classifiers: how model classes map to task classes "
                                                     "(CLIP uses its zero-shot head)", choices=LABEL_MAPPINGS)
     mapping_refresh: int | None = _opt(None, "model", "epochs between frequency-mapping refreshes", low=1,
@@ -157,6 +165,8 @@ class TrainConfig:
     seed: int = _opt(0, "run", "seed of the data order, the splits and the initialization", low=0)
     log_every: int = _opt(10, "run", "steps between loss log lines", low=1)
     checkpoint_every: int = _opt(0, "run", "steps between mid-epoch checkpoints; 0: at epoch ends only", low=0)
+    cuda_graph: str = _opt("auto", "run", "replay the whole training step from CUDA graphs; auto: where the run "
+                           "allows it (not under DDP, input diversity or random patches)", choices=SWITCHES)
     max_steps: int | None = _opt(None, "run", "stop after this many steps in total (resumable)", low=1,
                                  default_text="no limit")
 
