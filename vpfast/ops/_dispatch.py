@@ -153,7 +153,13 @@ def _select(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
     raise AssertionError("unreachable: the reference runs everywhere")
 
 
-# (op, device type, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
+# The process environment as os.environ keeps it (its private ``_data``: keys encoded by ``encodekey``). select reads
+# VPFAST_BACKEND from it on every call, as os.environ.get would, at a few percent of the cost (a dict lookup).
+_ENVIRON = os.environ._data
+_FORCED_KEY = os.environ.encodekey("VPFAST_BACKEND")
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+
+# (op, device, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
 _chosen: dict[tuple, tuple[Backend, str, _extension.ExtensionStatus]] = {}
 
 
@@ -162,12 +168,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
 
     Runs on every call: the environment is read each time (tests and users change it), the choice is cached.
     """
-    forced = os.environ.get("VPFAST_BACKEND")
-    key = (op, device.type, dtype, forced, forced and os.environ.get("TRITON_INTERPRET"))
-    status = _extension.status()
+    forced = _ENVIRON.get(_FORCED_KEY)
+    key = (op, device, dtype, forced, forced and _ENVIRON.get(_INTERPRET_KEY))  # the device: .type costs more
     entry = _chosen.get(key)
-    if entry is None or entry[2] is not status:  # a reloaded extension status invalidates the choice
-        entry = (*_select(op, device.type, dtype, forced_backend()), status)
+    if entry is None or entry[2] is not _extension.status():  # a reloaded extension status invalidates the choice
+        entry = (*_select(op, device.type, dtype, forced_backend()), _extension.status())
         _chosen[key] = entry
     if entry[1]:
         warn_once(f"{op}:{device.type}:{dtype}", f"vpfast: {op} with {_dtype_name(dtype)} {device.type} tensors "

@@ -25,6 +25,10 @@ GRAD_NORMS = (None, "sample_l2", "sample_l1")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GRAD_NORM_EPS = 1e-12
+# Membership tests on the hot path: a set of dtypes compares by hash, a tuple by dtype.__eq__ (slower per item).
+_IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)
+_OUT_DTYPE_SET = frozenset(OUT_DTYPES)
+_PROMPT_DTYPE_SET = frozenset((torch.float32, torch.float64))
 
 
 class Layout(NamedTuple):
@@ -65,15 +69,20 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    if vec.device != device and vec.device.type != "cpu":
-        raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if _host_values(vec):
+    vec_device = vec.device
+    if vec_device == device:
+        on_device = True
+    elif vec_device.type != "cpu":
+        raise ValueError(f"{name} is on {vec_device} but images are on {device}")
+    else:
+        on_device = False
+    if vec_device.type == "cpu" and not torch.compiler.is_compiling():  # values checked without a device sync
         values = vec.tolist()
         if not all(map(math.isfinite, values)):
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if vec.device == device else vec.to(device, non_blocking=True)
+    return vec if on_device else vec.to(device, non_blocking=True)
 
 
 def _host_values(t: torch.Tensor) -> bool:
@@ -140,7 +149,7 @@ def compose(
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-d tensor (B, C, H, W), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if images.dtype not in IMAGE_DTYPES:
+    if images.dtype not in _IMAGE_DTYPE_SET:
         raise ValueError(f"images must have a dtype in {IMAGE_DTYPES}, got {images.dtype}")
     batch, channels, height, width = images.shape
     if batch < 1 or height < 1 or width < 1:
@@ -149,7 +158,7 @@ def compose(
             or prompt.shape[1] != prompt.shape[2]:
         raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-    if prompt.dtype not in (torch.float32, torch.float64):
+    if prompt.dtype not in _PROMPT_DTYPE_SET:
         raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
     device = images.device
     if prompt.device != device:
@@ -190,10 +199,13 @@ def compose(
         transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
         out_dtype = prompt.dtype
-    check_choice("out_dtype", out_dtype, OUT_DTYPES)
-    check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _OUT_DTYPE_SET:
+        check_choice("out_dtype", out_dtype, OUT_DTYPES)
+    channels_last = memory_format is torch.channels_last
+    if not channels_last and memory_format is not torch.contiguous_format:
+        check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
     options = ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
-                             grad_norm or "none", out_dtype, memory_format == torch.channels_last)
+                             grad_norm or "none", out_dtype, channels_last)
     return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
 
 
