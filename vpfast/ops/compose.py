@@ -27,7 +27,6 @@ IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch
 GRAD_NORM_EPS = 1e-12
 # Membership tests on the hot path: a set of dtypes compares by hash, a tuple by dtype.__eq__ (slower per item).
 _IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)
-_OUT_DTYPE_SET = frozenset(OUT_DTYPES)
 _PROMPT_DTYPE_SET = frozenset((torch.float32, torch.float64))
 
 
@@ -164,6 +163,57 @@ def compose(
     if prompt.device != device:
         raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
     size = prompt.shape[1]
+    options = compose_options(size, prompt.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format)
+    if mask is not None:
+        if mask.shape != (size, size):
+            raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but images are on {device}")
+        if mask.dtype != prompt.dtype:
+            mask = mask.to(prompt.dtype)
+    mean_t = channel_vector("mean", mean, channels, device)
+    std_t = channel_vector("std", std, channels, device, nonzero=True)
+    if transform is not None:
+        if transform.device != device and transform.device.type != "cpu":
+            raise ValueError(f"transform is on {transform.device} but images are on {device}")
+        if _host_values(transform):
+            check_transform(transform, batch, size)
+        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
+    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
+
+
+# compose_options per distinct arguments (at most _OPTIONS_CACHE_SIZE, then it starts afresh): checking them costs more
+# than a lookup. The key holds each number's type next to its value (12.0 == 12, True == 1, but they are refused).
+_OPTIONS_CACHE_SIZE = 64
+_options_cache: dict[tuple, ComposeOptions] = {}
+
+
+def compose_options(size: int, prompt_dtype: torch.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                    grad_region, grad_norm, out_dtype, memory_format) -> ComposeOptions:
+    """compose's non-tensor arguments checked against an S x S canvas (``size``), as the op's options."""
+    if torch.compiler.is_compiling():  # symbolic sizes: no cache
+        return _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format)
+    try:
+        key = (size, prompt_dtype, inner_size, type(inner_size), offset if offset is None else
+               (type(offset), *((type(v), v) for v in offset)), fill, type(fill), mode, antialias, type(antialias),
+               prompt_space, grad_region, grad_norm, out_dtype, memory_format)
+        options = _options_cache.get(key)
+    except TypeError:  # unhashable or not iterable: the checks say what is wrong
+        key = options = None
+    if options is None:
+        options = _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                                 grad_region, grad_norm, out_dtype, memory_format)
+        if key is not None:
+            if len(_options_cache) >= _OPTIONS_CACHE_SIZE:
+                _options_cache.clear()
+            _options_cache[key] = options
+    return options
+
+
+def _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space, grad_region,
+                   grad_norm, out_dtype, memory_format) -> ComposeOptions:
     check_int("inner_size", inner_size)
     if not 0 < inner_size <= size:
         raise ValueError(f"inner_size must be in (0, {size}] (the canvas size S), got {inner_size}")
@@ -177,36 +227,17 @@ def compose(
     if not (0 <= oy <= size - inner_size and 0 <= ox <= size - inner_size):
         raise ValueError(f"offset {tuple(offset)} puts the {inner_size} x {inner_size} image off the "
                          f"{size} x {size} canvas: each must be in [0, {size - inner_size}]")
-    if mask is not None:
-        if mask.shape != (size, size):
-            raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but images are on {device}")
-        if mask.dtype != prompt.dtype:
-            mask = mask.to(prompt.dtype)
     check_finite("fill", fill)
     check_choice("mode", mode, MODES)
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
     check_choice("grad_region", grad_region, GRAD_REGIONS)
     check_choice("grad_norm", grad_norm, GRAD_NORMS)
-    mean_t = channel_vector("mean", mean, channels, device)
-    std_t = channel_vector("std", std, channels, device, nonzero=True)
-    if transform is not None:
-        if transform.device != device and transform.device.type != "cpu":
-            raise ValueError(f"transform is on {transform.device} but images are on {device}")
-        if _host_values(transform):
-            check_transform(transform, batch, size)
-        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
-        out_dtype = prompt.dtype
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _OUT_DTYPE_SET:
-        check_choice("out_dtype", out_dtype, OUT_DTYPES)
-    channels_last = memory_format is torch.channels_last
-    if not channels_last and memory_format is not torch.contiguous_format:
-        check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
-    options = ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
-                             grad_norm or "none", out_dtype, channels_last)
-    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
+        out_dtype = prompt_dtype
+    check_choice("out_dtype", out_dtype, OUT_DTYPES)
+    check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
+    return ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
+                          grad_norm or "none", out_dtype, memory_format == torch.channels_last)
 
 
 # --------------------------------------------------------------------------- reference
