@@ -412,16 +412,30 @@ def _triton_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> t
                                     GRAD_NORM_EPS)
 
 
+# The Triton kernels put the batch on the launch grid's second axis, which CUDA caps at 65535 blocks.
+TRITON_MAX_BATCH = 65535
+
+
+def _triton_supports(tensors: tuple, options: tuple) -> str:
+    """Why the Triton kernels cannot take a call ("" when they can); ``tensors[0]`` is images or grad_out: (B, ...)."""
+    batch = tensors[0].shape[0]
+    if batch > TRITON_MAX_BATCH:
+        return f"its launch grid takes a batch B <= {TRITON_MAX_BATCH}, got B = {batch}"
+    return ""
+
+
 _dispatch.register("compose", (
     _dispatch.Backend("triton", ("cuda",), (torch.float32,), _triton_forward, _triton_backward,
-                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",)),
+                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",), supports=_triton_supports,
+                      limits=f"batch <= {TRITON_MAX_BATCH}"),
     _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32, torch.float64), _reference_forward,
                       _reference_backward),
 ))
 
 
 def _select(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", images.device, prompt.dtype)
+    return _dispatch.select("compose", images.device, prompt.dtype,
+                            (images, prompt, mask, mean, std, transform), options)
 
 
 def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
@@ -432,7 +446,8 @@ def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOp
 
 
 def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", grad_out.device, options.prompt_dtype)
+    return _dispatch.select("compose", grad_out.device, options.prompt_dtype,
+                            (grad_out, mask, std, transform), options)
 
 
 def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
