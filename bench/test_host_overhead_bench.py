@@ -5,8 +5,8 @@ backend choice, the autograd kernel, launches. Each case issues ``CALLS`` calls 
 synchronization per repeat on a GPU) and reports microseconds per call, the fastest of ``REPEATS``
 repeats (what the host can do; other load on the machine only adds to it), eager and vpfast in
 alternating repeats so that both see the same load on a shared machine. On the CPU the clock is the thread's CPU
-time (time.thread_time): on a shared machine the wall clock also counts the time other processes hold the core. ``eager`` is the op's
-PyTorch reference on the same inputs, so on the CPU vpfast minus eager is the registration's
+time (time.thread_time): on a shared machine the wall clock also counts the time other processes hold the core.
+``eager`` is the op's PyTorch reference on the same inputs, so on the CPU vpfast minus eager is the registration's
 overhead alone (the op runs the same reference there, or the C++ kernel for token_mix). Unlike the
 other suites this one measures on the CPU as well: run it with OMP_NUM_THREADS=1 there.
 """

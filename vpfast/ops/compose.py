@@ -68,25 +68,21 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    vec_device = vec.device
-    if vec_device == device:
-        on_device = True
-    elif vec_device.type != "cpu":
-        raise ValueError(f"{name} is on {vec_device} but images are on {device}")
-    else:
-        on_device = False
-    if vec_device.type == "cpu" and not torch.compiler.is_compiling():  # values checked without a device sync
+    on_host = vec.is_cpu  # is_cpu, not device.type: that builds a string per call
+    if not on_host and vec.device != device:
+        raise ValueError(f"{name} is on {vec.device} but images are on {device}")
+    if on_host and not torch.compiler.is_compiling():  # values checked without a device sync
         values = vec.tolist()
         if not all(map(math.isfinite, values)):
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if on_device else vec.to(device, non_blocking=True)
+    return vec if not on_host or vec.device == device else vec.to(device, non_blocking=True)
 
 
 def _host_values(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be checked without a device sync (compose never synchronizes)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
