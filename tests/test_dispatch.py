@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+import vpfast
 from vpfast import _warn
 from vpfast.ops import OPS, _dispatch
 
@@ -104,3 +105,52 @@ def test_compose_float64_is_not_reported_as_triton(monkeypatch):
 def test_kernel_modules_list_the_triton_files():
     assert _dispatch.kernel_modules("triton") == ("vpfast.kernels.compose",)
     assert _dispatch.kernel_modules("cuda") == ()
+
+
+@pytest.fixture
+def picky_ops(fake_ops, monkeypatch):
+    """fake_ops, with a "triton" backend that takes calls of at most 4 rows (its supports predicate)."""
+    def supports(tensors, options):
+        return f"it takes at most 4 rows, got {tensors[0].shape[0]}" if tensors[0].shape[0] > 4 else ""
+
+    fast, reference = _dispatch.OPS["demo"]
+    picky = _dispatch.Backend("triton", ("cuda",), (torch.float32,), "fast-forward", "fast-backward",
+                              fast.runs_on, supports=supports, limits="rows <= 4")
+    _dispatch.register("demo", (picky, reference))
+
+
+def test_a_call_the_backend_cannot_take_falls_back_with_one_warning(picky_ops):
+    small, large = torch.empty(4, 2, device="meta"), torch.empty(5, 2, device="meta")
+    assert _dispatch.select("demo", CUDA, torch.float32, (small,), ()).name == "triton"
+    with pytest.warns(RuntimeWarning, match=r"demo runs the reference backend for a call that the triton backend "
+                                            r"cannot take: it takes at most 4 rows, got 5"):
+        assert _dispatch.select("demo", CUDA, torch.float32, (large,), ()).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.select("demo", CUDA, torch.float32, (large,), ()).name == "reference"  # once
+    assert _dispatch.backend_table()["demo"]["cuda"].startswith("float32: triton [rows <= 4]; ")
+
+
+def test_a_forced_backend_that_cannot_take_the_call_raises_saying_why(picky_ops, monkeypatch):
+    monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run this demo call: "
+                                           r"it takes at most 4 rows, got 5"):
+        _dispatch.select("demo", CUDA, torch.float32, (torch.empty(5, 2, device="meta"),), ())
+
+
+def test_the_reference_must_take_every_call():
+    picky = _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32,), "f", "b", supports=lambda t, o: "")
+    with pytest.raises(ValueError, match="the last backend must be the reference.*taking every call"):
+        _dispatch.register("demo", (picky,))
+
+
+@pytest.mark.skipif(not _dispatch.triton_status()[0], reason="needs triton")
+def test_forced_triton_compose_refuses_a_batch_beyond_its_launch_grid(monkeypatch):
+    """The Triton compose kernels put the batch on the grid's second axis (at most 65535 blocks on CUDA)."""
+    monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    images, prompt = torch.zeros(65536, 3, 1, 1, dtype=torch.uint8), torch.zeros(3, 2, 2)
+    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run this compose call: its launch grid "
+                                           r"takes a batch B <= 65535, got B = 65536"):
+        vpfast.ops.compose(images, prompt, inner_size=1)
+    assert "triton [batch <= 65535]" in _dispatch.backend_table()["compose"]["cuda"]
