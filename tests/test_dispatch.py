@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-import vpfast
 from vpfast import _warn
 from vpfast.ops import OPS, _dispatch
 
@@ -142,15 +141,3 @@ def test_the_reference_must_take_every_call():
     picky = _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32,), "f", "b", supports=lambda t, o: "")
     with pytest.raises(ValueError, match="the last backend must be the reference.*taking every call"):
         _dispatch.register("demo", (picky,))
-
-
-@pytest.mark.skipif(not _dispatch.triton_status()[0], reason="needs triton")
-def test_forced_triton_compose_refuses_a_batch_beyond_its_launch_grid(monkeypatch):
-    """The Triton compose kernels put the batch on the grid's second axis (at most 65535 blocks on CUDA)."""
-    monkeypatch.setenv("VPFAST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    images, prompt = torch.zeros(65536, 3, 1, 1, dtype=torch.uint8), torch.zeros(3, 2, 2)
-    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run this compose call: its launch grid "
-                                           r"takes a batch B <= 65535, got B = 65536"):
-        vpfast.ops.compose(images, prompt, inner_size=1)
-    assert "triton [batch <= 65535]" in _dispatch.backend_table()["compose"]["cuda"]

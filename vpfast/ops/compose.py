@@ -408,22 +408,9 @@ def _triton_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -> t
                                     GRAD_NORM_EPS)
 
 
-# The Triton kernels put the batch on the launch grid's second axis, which CUDA caps at 65535 blocks.
-TRITON_MAX_BATCH = 65535
-
-
-def _triton_supports(tensors: tuple, options: tuple) -> str:
-    """Why the Triton kernels cannot take a call ("" when they can); ``tensors[0]`` is images or grad_out: (B, ...)."""
-    batch = tensors[0].shape[0]
-    if batch > TRITON_MAX_BATCH:
-        return f"its launch grid takes a batch B <= {TRITON_MAX_BATCH}, got B = {batch}"
-    return ""
-
-
 _dispatch.register("compose", (
     _dispatch.Backend("triton", ("cuda",), (torch.float32,), _triton_forward, _triton_backward,
-                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",), supports=_triton_supports,
-                      limits=f"batch <= {TRITON_MAX_BATCH}"),
+                      _dispatch.triton_runs_on, modules=("vpfast.kernels.compose",)),
     _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32, torch.float64), _reference_forward,
                       _reference_backward),
 ))
