@@ -9,6 +9,9 @@
 #   bench-evp  bench/test_evp_step_bench.py       wheel          the gpu tier against dist/*.whl, outside the tree
 #   bench-host bench/test_host_overhead_bench.py  (host time per call: checks, dispatch, autograd, launches)
 #   bench-transform  the compose cases with the per-sample transform, vpfast only (to compose-transform-vpfast.json)
+#   bench-train  bench/test_train_bench.py (the real `vpfast train` loop against released/eager/floor, per method)
+#   lease      what one 15-minute lease runs, in <= 8 minutes of wall time: env, build, gpu, bench-evp, bench-train
+#              with tighter limits (open_clip, ftfy and wcwidth must travel as wheels in .whl/)
 #
 # Each step has its own time limit and log; logs and bench/results/*.json land in $OUT (default
 # /tmp/vpfast-gpu). Python packages the machine lacks travel as wheels in .whl/ (installed first).
@@ -45,6 +48,13 @@ torch.cuda.get_device_capability())') $PY -m pip install --no-build-isolation --
         bench-mix) step bench-mix 500 "${PYTEST[@]}" bench/test_token_mix_bench.py ;;
         bench-compose) step bench-compose 550 "${PYTEST[@]}" bench/test_compose_bench.py ;;
         bench-evp) step bench-evp 400 "${PYTEST[@]}" bench/test_evp_step_bench.py ;;
+        bench-train) step bench-train 300 "${PYTEST[@]}" bench/test_train_bench.py ;;
+        lease) step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch, open_clip; print(torch.__version__)'"
+            step build 100 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
+torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation --no-deps -e ."
+            step gpu 60 "${PYTEST[@]}" -m gpu tests
+            step bench-evp 60 "${PYTEST[@]}" bench/test_evp_step_bench.py
+            step bench-train 240 "${PYTEST[@]}" bench/test_train_bench.py ;;
         bench-host) step bench-host 120 "${PYTEST[@]}" bench/test_host_overhead_bench.py ;;
         bench-transform) step bench-transform 300 "${PYTEST[@]}" bench/test_compose_bench.py -k "transform and vpfast"
             mv bench/results/compose-*.json "$OUT/compose-transform-vpfast.json" ;;

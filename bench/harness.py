@@ -2,7 +2,9 @@
 
 GPU: CUDA-event medians (triton.testing.do_bench), logical bytes, GB/s and the
 percentage of the device bandwidth measured here (a large device-to-device
-copy, bytes read plus written). CPU: each case runs once as a smoke test.
+copy, bytes read plus written). Whole training steps: several pipelines timed
+in turn (warm-up, interleaved repeats, medians), with peak memory and FLOPs.
+CPU: each case runs once as a smoke test.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +38,53 @@ def median_ms(fn) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def sync() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def interleaved_step_times(pipelines: dict[str, Callable[[], None]], steps: int, warmup: int = 3,
+                           repeats: int = 5) -> dict[str, dict]:
+    """Per pipeline: median seconds per step and peak memory (GiB, GPU only: the allocator's peak during its
+    rounds, which counts every tensor alive then, the other pipelines' models and data too).
+
+    Each pipeline first runs ``warmup`` steps (compiles, allocates, captures); then ``repeats`` rounds
+    each time ``steps`` steps of every pipeline in turn, so drifts of clock or temperature hit all alike.
+    Without a GPU: one warm-up step and one round of one step (a smoke test).
+    """
+    if not on_gpu():
+        steps, warmup, repeats = 1, 1, 1
+    for run in pipelines.values():
+        for _ in range(warmup):
+            run()
+    sync()
+    seconds: dict[str, list[float]] = {name: [] for name in pipelines}
+    peak: dict[str, float | None] = dict.fromkeys(pipelines)
+    for _ in range(repeats):
+        for name, run in pipelines.items():
+            if on_gpu():
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            sync()
+            seconds[name].append((time.perf_counter() - start) / steps)
+            if on_gpu():
+                peak[name] = max(peak[name] or 0.0, torch.cuda.max_memory_allocated() / 2**30)
+    return {name: {"seconds": statistics.median(seconds[name]), "peak_memory_gib": peak[name],
+                   "repeats_ms": [1e3 * s for s in seconds[name]]} for name in pipelines}
+
+
+def flops(fn: Callable[[], None]) -> int:
+    """Floating-point operations of one call (``torch.utils.flop_counter``: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """compose: eager reference vs torch.compile(reference) vs vpfast, forward / backward / both.
 
-B in {32, 256, 1024} on a 224 canvas (164 inner image from 224 x 224 inputs),
+B in {32, 256, 1024} on a 224 canvas (164 inner image from 224 x 224 inputs, and from 32 x 32 ones
+for the forward),
 uint8 -> bfloat16 and float32 -> float32, with and without the per-sample
 transform (whose eager reference is the per-sample loop). Without CUDA the
 shapes shrink and each case runs once, on the reference path, as a smoke test.
@@ -19,20 +20,20 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 if on_gpu():
-    DEVICE, SIZE, INNER, BATCHES = "cuda", 224, 164, (32, 256, 1024)
+    DEVICE, SIZE, INNER, BATCHES, SOURCES = "cuda", 224, 164, (32, 256, 1024), (224, 32)
 else:
-    DEVICE, SIZE, INNER, BATCHES = "cpu", 32, 24, (2,)
+    DEVICE, SIZE, INNER, BATCHES, SOURCES = "cpu", 32, 24, (2,), (32, 8)
 
 DTYPES = {"u8-bf16": (torch.uint8, torch.bfloat16), "f32-f32": (torch.float32, torch.float32)}
 
 
-def _inputs(batch: int, dtypes: str, transform: bool):
+def _inputs(batch: int, dtypes: str, transform: bool, source: int = SIZE):
     in_dtype, out_dtype = DTYPES[dtypes]
     g = torch.Generator().manual_seed(batch)
     if in_dtype == torch.uint8:
-        images = torch.randint(0, 256, (batch, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+        images = torch.randint(0, 256, (batch, 3, source, source), generator=g, dtype=torch.uint8)
     else:
-        images = torch.rand(batch, 3, SIZE, SIZE, generator=g)
+        images = torch.rand(batch, 3, source, source, generator=g)
     prompt = torch.randn(3, SIZE, SIZE, generator=g)
     mask = torch.ones(SIZE, SIZE)
     pad = (SIZE - INNER) // 2
@@ -84,15 +85,17 @@ def _skip_compile_with_transform(impl, transform):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("transform", [False, True], ids=["plain", "transform"])
 @pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("batch", BATCHES)
-def test_forward(benchmark, record, batch, dtypes, transform, impl):
+def test_forward(benchmark, record, batch, dtypes, transform, source, impl):
     _skip_compile_with_transform(impl, transform)
-    images, prompt, mask, mean, std, rows, layout, out_dtype = _inputs(batch, dtypes, transform)
+    images, prompt, mask, mean, std, rows, layout, out_dtype = _inputs(batch, dtypes, transform, source)
     fn = torch.no_grad()(_forward_fn(impl, images, prompt, mask, mean, std, rows, layout, out_dtype))
     nbytes = images.nbytes + prompt.nbytes + mask.nbytes + batch * 3 * SIZE * SIZE * out_dtype.itemsize
-    _run(benchmark, record, fn, nbytes, "forward", impl=impl, batch=batch, dtypes=dtypes, transform=transform)
+    _run(benchmark, record, fn, nbytes, "forward", impl=impl, batch=batch, dtypes=dtypes, transform=transform,
+         source=source)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

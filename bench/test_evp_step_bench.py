@@ -5,26 +5,27 @@ a CPU as a smoke test). (a) "released": the prompt lives on the CPU and is copie
 images are zero-padded on the CPU and copied over, B materialized prompt copies with retain_grad,
 text features re-encoded every step, the update computed on the CPU. (b) "eager": the same
 semantics on the device in plain PyTorch (the compose reference, cached text features). (c)
-"vpfast": EVPrompter + cached zero-shot head + NormalizedSGD. Reports images/s and peak memory.
+"vpfast": EVPrompter + cached zero-shot head + NormalizedSGD. The images are 96 x 96, so every
+pipeline resizes them to the 164 inner image. Each pipeline gets 3 warm-up steps (vpfast's include
+compiling its kernels), then 5 rounds time STEPS steps of each pipeline in turn; the row is the
+median round. Reports images/s, step time and peak memory.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vpfast
-from harness import on_gpu
+from harness import interleaved_step_times, on_gpu
 from vpfast.backbones.zero_shot import class_text_embeddings
 from vpfast.ops.compose import Layout, compose_reference
 
 if on_gpu():
-    DEVICE, BATCH, SIZE, PAD, MODEL_CFG, STEPS = "cuda", 256, 224, 30, None, 20
+    DEVICE, BATCH, SIZE, PAD, MODEL_CFG, STEPS, NATIVE = "cuda", 256, 224, 30, None, 20, 96
 else:
-    DEVICE, BATCH, SIZE, PAD, STEPS = "cpu", 4, 32, 4, 1
+    DEVICE, BATCH, SIZE, PAD, STEPS, NATIVE = "cpu", 4, 32, 4, 1, 20
     MODEL_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 INNER = SIZE - 2 * PAD
@@ -54,7 +55,8 @@ def _mask() -> torch.Tensor:
 
 def released_step(model, tokenizer, prompt_cpu, images_u8, labels):
     """The released EVP pattern (docs/methods.md, EVP)."""
-    x = F.pad(images_u8.float() / 255, (PAD, PAD, PAD, PAD)).to(DEVICE)
+    x = F.pad(F.interpolate(images_u8.float() / 255, size=(INNER, INNER), mode="bilinear"),
+              (PAD, PAD, PAD, PAD)).to(DEVICE)
     prompts = prompt_cpu.to(DEVICE).repeat(x.shape[0], 1, 1, 1).requires_grad_(True)
     prompts.retain_grad()
     mean = torch.tensor(vpfast.CLIP_MEAN, device=DEVICE).view(1, 3, 1, 1)
@@ -79,48 +81,30 @@ def eager_step(model, text, prompt, mask, mean, std, images_u8, labels):
         prompt -= LR * mask * grad / (grad.norm() + 1e-10)
 
 
-def _measure(step, record, benchmark, name: str) -> None:
-    step()  # warm-up: compiles kernels, allocates
-    if on_gpu():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    if on_gpu():
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / STEPS
-    benchmark.pedantic(step, rounds=1, iterations=1)
-    record("evp_step", {"pipeline": name, "batch": BATCH, "images_per_s": BATCH / seconds,
-                        "step_ms": 1e3 * seconds,
-                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu() else None})
-
-
 def _data():
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (BATCH, 3, INNER, INNER), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 256, (BATCH, 3, NATIVE, NATIVE), generator=g, dtype=torch.uint8)
     return images, torch.randint(0, len(CLASSES), (BATCH,), generator=g)
 
 
-def test_released_pipeline(benchmark, record, clip):
+def released(clip):
     model, tokenizer = clip
     images, labels = _data()
-    prompt = torch.zeros(3, SIZE, SIZE)
-    _measure(lambda: released_step(model, tokenizer, prompt, images, labels.to(DEVICE)), record, benchmark,
-             "released")
+    prompt, labels = torch.zeros(3, SIZE, SIZE), labels.to(DEVICE)
+    return lambda: released_step(model, tokenizer, prompt, images, labels)
 
 
-def test_clean_eager(benchmark, record, clip):
+def eager(clip):
     model, tokenizer = clip
     images, labels = _data()
     text = class_text_embeddings(model.encode_text, tokenizer, CLASSES, (TEMPLATE,), DEVICE).float()
     prompt = torch.zeros(3, SIZE, SIZE, device=DEVICE, requires_grad=True)
     mean, std = torch.tensor(vpfast.CLIP_MEAN, device=DEVICE), torch.tensor(vpfast.CLIP_STD, device=DEVICE)
     images, labels, mask = images.to(DEVICE), labels.to(DEVICE), _mask().to(DEVICE)
-    _measure(lambda: eager_step(model, text, prompt, mask, mean, std, images, labels), record, benchmark, "eager")
+    return lambda: eager_step(model, text, prompt, mask, mean, std, images, labels)
 
 
-def test_vpfast(benchmark, record, clip):
+def vpfast_step(clip):
     model, tokenizer = clip
     images, labels = _data()
     text = class_text_embeddings(model.encode_text, tokenizer, CLASSES, (TEMPLATE,), DEVICE).float()
@@ -137,4 +121,14 @@ def test_vpfast(benchmark, record, clip):
         loss.backward()
         optimizer.step()
 
-    _measure(step, record, benchmark, "vpfast")
+    return step
+
+
+def test_evp_step(benchmark, record, clip):
+    pipelines = {"released": released(clip), "eager": eager(clip), "vpfast": vpfast_step(clip)}
+    times = interleaved_step_times(pipelines, STEPS)
+    benchmark.pedantic(pipelines["vpfast"], rounds=1, iterations=1)
+    for name, measured in times.items():
+        record("evp_step", {"pipeline": name, "batch": BATCH, "native_size": NATIVE,
+                            "images_per_s": BATCH / measured["seconds"], "step_ms": 1e3 * measured["seconds"],
+                            "repeats_ms": measured["repeats_ms"], "peak_memory_gib": measured["peak_memory_gib"]})

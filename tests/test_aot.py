@@ -74,3 +74,69 @@ def test_problems_flag_spills_registers_and_narrow_accesses():
                              loads={8: 4, 128: 1}, stores={128: 2}, register_budget=128, min_store_bits=128,
                              min_load_bits=128)
     assert clean.problems() == []
+
+
+BENCHMARKED = ["fwd u8->bf16 bilinear", "fwd f32->f32 bilinear", "fwd u8 32px->bf16 bilinear",
+               "fwd f32 32px->f32 bilinear"]
+
+
+def test_benchmarked_forwards_meet_their_static_budgets(kernel_report):
+    """The issue's budgets for the benchmarked forwards (224 canvas, 164 inner, from 224 and 32 px): <= 128
+    registers, no spills, 128-bit stores and <= 45 SASS instructions per output on image rows."""
+    reports = {(k["case"], k["arch"]): k for k in kernel_report["kernels"]}
+    for arch in aot.ARCHS:
+        for name in BENCHMARKED:
+            k = reports[name, arch]
+            assert k["registers"] <= 128 and k["stack"] == 0 and k["local"] == 0, (name, arch)
+            assert set(k["stores"]) == {"128"}, (name, arch, k["stores"])  # JSON keys: bits as strings
+            assert k["sass_per_output"]["image"] <= 45, (name, arch, k["sass_per_output"])
+            assert k["sass_per_output"]["frame"] <= k["sass_per_output"]["image"]
+
+
+def test_every_budgeted_loop_is_reported(kernel_report):
+    budgeted = [k for k in kernel_report["kernels"] if k["sass_budgets"]]
+    assert {k["case"] for k in budgeted} >= set(BENCHMARKED) | {"fwd u8->bf16 bilinear transform",
+                                                                 "bwd-accum bf16 none", "bwd-norm bf16 sample_l2"}
+    for k in budgeted:
+        assert set(k["sass_per_output"] or {}) == set(k["sass_budgets"]), k["case"]
+
+
+SASS_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+        /*0020*/                   IADD3 R5, R4, 0x1, RZ ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   FADD R9, R9, R8 ;
+        /*0050*/               @P0 BRA 0x30 ;
+        /*0060*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*0070*/              @!P1 BRA 0x20 ;
+        /*0080*/                   IADD3 R5, R4, 0x1, RZ ;
+        /*0090*/               @P0 BRA 0xb0 ;
+        /*00a0*/                   NOP ;
+        /*00b0*/                   STG.E.U16 desc[UR4][R2.64], R4 ;
+        /*00c0*/               @P2 BRA 0x80 ;
+        /*00d0*/                   EXIT ;
+        /*00e0*/                   BRA 0xe0;
+"""
+
+
+def test_batch_loops_weigh_inner_loops_by_their_trip_count():
+    # outer loop 0x20..0x70 (6 instructions, 2 accesses) holding 0x30..0x50 (3, 1); a second loop 0x80..0xc0;
+    # the forward branch 0x90 -> 0xb0 and the self-branch at 0xe0 are no loops
+    assert aot.batch_loops(SASS_LOOPS) == [(6, {128: 2}), (5, {16: 1})]
+    assert aot.batch_loops(SASS_LOOPS, inner_trips=4) == [(6 + 3 * 3, {128: 2 + 3}), (5, {16: 1})]
+
+
+def test_per_output_divides_by_the_unrolled_iterations_and_flags_designs_that_do_not_fit():
+    from vpfast.kernels._launch import LoopDesign
+
+    loops = [(400, {16: 6, 32: 2}), (30, {128: 3})]
+    found, problems = aot.per_output(loops, {"a": LoopDesign(8, 2, 20), "b": LoopDesign(4, 3, 10)})
+    assert found == {"a": 400 / (4 * 8), "b": 30 / 4} and problems == []
+    found, problems = aot.per_output(loops, {"a": LoopDesign(8, 3, 20, bits=16)})  # only the 16-bit ones
+    assert found == {"a": 400 / (2 * 8)} and problems == []
+    found, problems = aot.per_output(loops, {"a": LoopDesign(8, 3, 20)})
+    assert found == {} and "not a multiple of 3" in problems[0]
+    report = aot.KernelReport(case="c", kernel="k", arch=90, num_warps=4, registers=64, stack=0, shared=0, local=0,
+                              loads={}, stores={}, sass_per_output={"a": 12.5}, sass_budgets={"a": 12, "b": 3})
+    assert report.problems() == ["a: 12.5 SASS instructions per output > budget 12", "no loop for the b path: loops []"]

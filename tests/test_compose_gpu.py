@@ -86,3 +86,10 @@ def test_compile_fullgraph_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(static_out, loss) < 1e-5 and rel_err(static_prompt.grad, grad) < 1e-5
+
+
+def test_batch_beyond_the_grid_limit():
+    """B > 65,535 (CUDA's grid y limit): programs loop over the batch, forward and backward."""
+    case = Case(batch=70_000, height=12, width=9, size=16, inner=10, dtype=torch.uint8, out_dtype=torch.bfloat16)
+    check_forward(case, "cuda", seed=11)
+    check_backward(case.but(dtype=torch.float32, out_dtype=None), "cuda", 12, "prompt", "sample_l2")

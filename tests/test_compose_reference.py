@@ -285,3 +285,21 @@ def test_bad_arguments_name_the_argument(changes, message):
     args = _bad(**changes)
     with pytest.raises(ValueError, match=message):
         vpfast.ops.compose(args.pop("images"), args.pop("prompt"), **args)
+
+
+REMEMBERED = [
+    (dict(inner_size=10), dict(inner_size=10.0), r"inner_size must be an int, got 10.0 \(float\)"),
+    (dict(offset=(3, 1)), dict(offset=(3, True)), r"offset\[1\] must be an int, got True \(bool\)"),
+    (dict(offset=(3, 3)), dict(offset=[3, 3.0]), r"offset\[1\] must be an int, got 3.0 \(float\)"),
+]
+
+
+@pytest.mark.parametrize("good,bad,message", REMEMBERED)
+def test_remembered_options_still_refuse_equal_values_of_another_type(good, bad, message):
+    """compose checks its options once per distinct value; 10.0 == 10 and True == 1, but they are still refused."""
+    for changes in (good, good):  # the second call takes the checked options from the cache
+        args = _bad(**changes)
+        vpfast.ops.compose(args.pop("images"), args.pop("prompt"), **args)
+    args = _bad(**bad)
+    with pytest.raises(ValueError, match=message):
+        vpfast.ops.compose(args.pop("images"), args.pop("prompt"), **args)

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import triton
 
 from compose_cases import Case, check_backward, check_forward
 
@@ -66,3 +67,118 @@ def test_autograd_through_the_kernels():
     expected = compose_backward_reference(grad_out, kwargs["mask"], kwargs["std"], kwargs["transform"], "pixel",
                                           "prompt", "sample_l2", torch.float64)
     assert rel_err(grad, expected) < 1e-5
+
+
+def test_batch_loop_with_several_programs_per_tile(monkeypatch):
+    """Programs stride over the batch (program_id(1) + k * num_programs(1)): every sample once, forward and
+    backward, also when the batch does not divide among the programs."""
+    from vpfast.kernels import compose as kernels
+
+    monkeypatch.setattr(kernels, "_programs_wanted", lambda device: 3)
+    case = Case(batch=5, size=8, inner=6, height=7, width=5)
+    check_forward(case, "cpu", seed=3)
+    check_forward(case.but(transform=True, dtype=torch.uint8, out_dtype=torch.bfloat16), "cpu", seed=4)
+    check_backward(case, "cpu", 5, "prompt", "sample_l2")
+    check_backward(case.but(transform=True), "cpu", 6, "canvas", None, torch.bfloat16, "channels_last")
+
+
+@pytest.mark.parametrize("dim", ["channel", "row"])
+def test_offsets_past_2_31_do_not_wrap(dim):
+    """A uint8 view whose channel (or row) offsets pass 2**31 elements: the storage is ~2.1 GB of virtual
+    memory, of which only the pages the view covers are touched."""
+    import vpfast
+    from compose_cases import rel_err
+    from vpfast.ops.compose import Layout, compose_reference
+
+    batch, height, width = 2, 5, 6
+    if dim == "channel":
+        strides = (height * width, 2**30 + 64, width, 1)  # channel 2 of each sample starts past 2**31
+    else:
+        batch, strides = 1, (1, 1, 2**29 + 64, 3)  # row 4 starts past 2**31 (channels interleaved in a row)
+    storage = torch.empty(sum((n - 1) * s for n, s in zip((batch, 3, height, width), strides, strict=True)) + 1,
+                          dtype=torch.uint8)
+    images = storage.as_strided((batch, 3, height, width), strides)
+    images.copy_(torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(7), dtype=torch.uint8))
+    prompt = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(8))
+    got = vpfast.ops.compose(images, prompt, inner_size=6, fill=0.5)
+    expected = compose_reference(images.contiguous(), prompt, None, None, None, None, Layout(8, 6, 1, 1), 0.5)
+    assert rel_err(got, expected) < 1e-5
+
+
+def _meta(shape, strides=None, dtype=torch.float32):
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t if strides is None else t.as_strided(shape, strides)
+
+
+@pytest.mark.parametrize("batch", [1, 65_535, 65_536, 1_000_000])
+def test_launch_plan_covers_any_batch_within_grid_limits(batch):
+    """No grid dimension is the batch: at most MAX_GRID_Y programs along it, each looping over its share."""
+    from vpfast.kernels import compose as kernels
+
+    images, out = _meta((batch, 3, 224, 224), dtype=torch.uint8), _meta((batch, 3, 224, 224), dtype=torch.bfloat16)
+    term, vec = _meta((3, 224, 224)), _meta((3,))
+    launch = kernels.forward_launch(images, vec, vec, None, 164, 30, 30, 0.0, "bilinear", False, term, out,
+                                    programs_wanted=10**9)
+    tiles, programs = launch.grid
+    assert programs == min(batch, kernels.MAX_GRID_Y)
+    assert launch.args[6] == batch  # B: program p runs samples p, p + programs, ... < B
+    chunks = kernels.backward_chunks(batch, 224, programs_wanted=10**9)
+    per_chunk = triton.cdiv(batch, chunks)
+    assert chunks <= kernels.MAX_GRID_Y and chunks * per_chunk >= batch and (chunks - 1) * per_chunk < batch
+    launches = kernels.backward_launches(out, None, vec, None, "pixel", "prompt", "sample_l2", _meta((batch, tiles)),
+                                         _meta((batch,)), _meta((chunks, 3, 224, 224)), programs_wanted=10**9)
+    assert all(max(launch.grid) <= 2**31 - 1 and launch.grid[1] <= kernels.MAX_GRID_Y for launch in launches)
+
+
+def test_offsets_are_64_bit_only_when_a_sample_spans_2_31_elements():
+    from vpfast.kernels import compose as kernels
+
+    term, vec = _meta((3, 16, 16)), _meta((3,))
+    out = _meta((2, 3, 16, 16))
+
+    def wide(images):
+        launch = kernels.forward_launch(images, vec, vec, None, 10, 3, 3, 0.0, "bilinear", False, term, out)
+        return launch.constexprs["WIDE"]
+
+    assert not wide(_meta((2, 3, 13, 11)))
+    assert not wide(_meta((2, 3, 13, 11), (2**40, 1, 33, 3)))  # the batch offset is 64-bit in every kernel
+    assert wide(_meta((2, 3, 13, 11), (3 * 2**30, 2**30, 11, 1)))
+    assert wide(_meta((2, 3, 13, 11), (33, 1, 2**28, 3)))
+    grad = _meta((2, 3, 16, 16), (3 * 2**30, 2**30, 16, 1))
+    launches = kernels.backward_launches(grad, None, vec, None, "pixel", "prompt", "none", _meta((2, 1)),
+                                         _meta((2,)), _meta((1, 3, 16, 16)))
+    assert launches[0].constexprs["WIDE"]
+
+
+@pytest.mark.parametrize("size", [16, 29])
+def test_adjoint_table_holds_every_resized_index_that_reads_a_canvas_index(size):
+    """For every per-sample size s <= S: the table's KT candidates of canvas index q carry exactly the
+    weights of q's column in the float32 resize matrix (S -> s), and no other resized index reads q."""
+    from vpfast.kernels import compose as kernels
+
+    from vpfast.ops.compose import _resize_matrix
+
+    sizes = torch.arange(1, size + 1, dtype=torch.int32)
+    transform = torch.stack([sizes, torch.zeros_like(sizes), torch.zeros_like(sizes), torch.zeros_like(sizes)], 1)
+    taps = kernels.TRANSFORM_TAPS
+    table = torch.full((size, size, taps + 1), float("nan"))
+    grad = torch.empty(size, 3, size, size)
+    launches = kernels.backward_launches(grad, None, None, transform, "pixel", "prompt", "none", torch.empty(size, 1),
+                                         torch.empty(size), torch.empty(1, 3, size, size), table)
+    launches[0].run()
+    for b, s in enumerate(sizes.tolist()):
+        matrix = _resize_matrix(size, s, torch.float32, torch.device("cpu"))  # (s, S)
+        lo = table[b, :, 0].long()
+        rebuilt = torch.zeros(s + 2 * taps, size)  # rows lo + j, shifted by taps so lo = -1 fits
+        for j in range(taps):
+            rebuilt[lo + j + taps, torch.arange(size)] = table[b, :, 1 + j]
+        assert (rebuilt[taps:taps + s] - matrix).abs().max() < 1e-6, (size, s)  # ATen rounds its lambdas its way
+        assert not rebuilt[:taps].any() and not rebuilt[taps + s:].any()
+
+
+def test_canvas_wider_than_a_tile():
+    """S > 256: two column tiles per row (the second one partly off the canvas), frame-only tiles included.
+    One sample: the interpreter runs the ~130 programs one by one (the transform paths took 15 min)."""
+    case = Case(batch=1, size=260, inner=200, height=9, width=7, dtype=torch.uint8)
+    check_forward(case, "cpu", seed=21)
+    check_backward(case, "cpu", 24, "prompt", "sample_l1", torch.bfloat16, "channels_last")

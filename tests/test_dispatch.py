@@ -104,3 +104,40 @@ def test_compose_float64_is_not_reported_as_triton(monkeypatch):
 def test_kernel_modules_list_the_triton_files():
     assert _dispatch.kernel_modules("triton") == ("vpfast.kernels.compose",)
     assert _dispatch.kernel_modules("cuda") == ()
+
+
+@pytest.fixture
+def picky_ops(fake_ops, monkeypatch):
+    """fake_ops, with a "triton" backend that takes calls of at most 4 rows (its supports predicate)."""
+    def supports(tensors, options):
+        return f"it takes at most 4 rows, got {tensors[0].shape[0]}" if tensors[0].shape[0] > 4 else ""
+
+    fast, reference = _dispatch.OPS["demo"]
+    picky = _dispatch.Backend("triton", ("cuda",), (torch.float32,), "fast-forward", "fast-backward",
+                              fast.runs_on, supports=supports, limits="rows <= 4")
+    _dispatch.register("demo", (picky, reference))
+
+
+def test_a_call_the_backend_cannot_take_falls_back_with_one_warning(picky_ops):
+    small, large = torch.empty(4, 2, device="meta"), torch.empty(5, 2, device="meta")
+    assert _dispatch.select("demo", CUDA, torch.float32, (small,), ()).name == "triton"
+    with pytest.warns(RuntimeWarning, match=r"demo runs the reference backend for a call that the triton backend "
+                                            r"cannot take: it takes at most 4 rows, got 5"):
+        assert _dispatch.select("demo", CUDA, torch.float32, (large,), ()).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.select("demo", CUDA, torch.float32, (large,), ()).name == "reference"  # once
+    assert _dispatch.backend_table()["demo"]["cuda"].startswith("float32: triton [rows <= 4]; ")
+
+
+def test_a_forced_backend_that_cannot_take_the_call_raises_saying_why(picky_ops, monkeypatch):
+    monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run this demo call: "
+                                           r"it takes at most 4 rows, got 5"):
+        _dispatch.select("demo", CUDA, torch.float32, (torch.empty(5, 2, device="meta"),), ())
+
+
+def test_the_reference_must_take_every_call():
+    picky = _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32,), "f", "b", supports=lambda t, o: "")
+    with pytest.raises(ValueError, match="the last backend must be the reference.*taking every call"):
+        _dispatch.register("demo", (picky,))

@@ -146,7 +146,7 @@ def test_recipe_fields_can_be_overridden():
     assert (pad.mode, pad.antialias, pad.diversity) == ("bicubic", True, None)  # Bahng: CLIP's test preprocessing
     patch = build_prompter(TrainConfig(method="patch").resolved(), _backbone(112))
     assert (patch.patch, patch.random, patch.mode) == (15, True, "bicubic")
-    with pytest.raises(ValueError, match=r"mode must be one of \('bilinear', 'bicubic'\), got 'nearest'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \(.*'bilinear', 'bicubic'\), got 'nearest'"):
         TrainConfig(mode="nearest").resolved()
 
 
@@ -180,10 +180,10 @@ def test_the_command_line_reads_the_registry_and_leaves_recipe_fields_to_the_rec
     from vpfast import cli, methods
 
     parser = cli.build_parser()
-    cfg = cli._config(parser.parse_args(["train"]))
-    assert (cfg.mode, cfg.antialias, cfg.flip) == (None, None, None)  # unset: the recipe's
-    cfg = cli._config(parser.parse_args(["train", "--no-flip", "--no-antialias", "--mode", "bilinear"]))
-    assert (cfg.flip, cfg.antialias, cfg.mode) == (False, False, "bilinear")
+    assert cli.explicit_flags([]) == {}  # unset: the recipe's
+    assert (TrainConfig().mode, TrainConfig().antialias, TrainConfig().flip) == (None, None, None)
+    given = cli.explicit_flags(["--no-flip", "--no-antialias", "--mode", "bilinear"])
+    assert given == {"flip": False, "antialias": False, "mode": "bilinear"}
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--help"])
     shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too

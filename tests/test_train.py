@@ -150,10 +150,10 @@ def test_cli_train_pad_prompter_on_packaged_efficientnet(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "bogus"], r"method must be one of \('evp', 'pad', 'patch', 'pgn'.*\), got 'bogus'"),
-    (["--model", "ViT-B-32"], r"model must be open_clip:NAME, timm:NAME or torchvision:NAME, got 'ViT-B-32'"),
-    (["--optimizer", "lion"], r"optimizer must be one of .*got 'lion'"),
-    (["--diversity", "2"], r"diversity must be a probability in \[0, 1\], got 2.0"),
+    (["--method", "bogus"], r"--method must be one of \('evp', 'pad', 'patch', 'pgn'.*\), got 'bogus'"),
+    (["--model", "ViT-B-32"], r"--model must be open_clip:NAME, timm:NAME or torchvision:NAME, got 'ViT-B-32'"),
+    (["--optimizer", "lion"], r"--optimizer must be one of .*got 'lion'"),
+    (["--diversity", "2"], r"--diversity must be in \[0, 1\], got 2.0"),
 ])
 def test_cli_rejects_bad_arguments(args, message, capsys):
     from vpfast.cli import main

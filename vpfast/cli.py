@@ -41,54 +41,127 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_info)
 
 
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per TrainConfig field, typed from the field (the config is the single source)."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _json_object(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from exc
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def flag_rows() -> list[tuple[str, str, str, str, str]]:
+    """(group, flag, default, accepted values, description) of every ``vpfast train`` config flag, from the schema."""
     import dataclasses
-    import typing
 
-    from vpfast import methods
-    from vpfast.train.config import TrainConfig
+    from vpfast.train.config import TrainConfig, kind_of, range_text
 
-    hints = typing.get_type_hints(TrainConfig)
+    rows = []
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        base, optional = kind_of(f)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kind = hints[f.name]
-        help_text = ""
-        if kind is bool or bool in typing.get_args(kind):  # bool | None: the recipe decides unless given
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "method":  # the method registry: its names and what each one is
-            parser.add_argument(flag, default=default, help=methods.describe())
-        elif f.name == "model_cfg":
-            parser.add_argument(flag, type=json.loads, default=default, help="a JSON object")
-        elif f.name == "templates":
-            parser.add_argument(flag, nargs="+", default=default, help=help_text)
-        else:
-            base = next((t for t in (int, float, str) if t is kind or t in typing.get_args(kind)), str)
-            parser.add_argument(flag, type=base, default=default, help=help_text)
+        shown = f.metadata["default_text"] or (("on" if default else "off") if base is bool else
+                                              " ".join(default) if base is list else str(default))
+        kind = {bool: "flag", int: "integer", float: "number", str: "text", list: "text ...", dict: "JSON"}[base]
+        accepts = range_text(f)
+        if f.metadata["choices"]:
+            accepts = "one of " + ", ".join(str(c) for c in f.metadata["choices"] if c is not None)
+        elif accepts and not f.metadata["accepts"]:
+            accepts = f"{kind} {accepts}"
+        flag = f"{_flag(f.name)}/--no-{_flag(f.name)[2:]}" if base is bool else _flag(f.name)
+        rows.append((f.metadata["group"], flag, shown, accepts or kind, f.metadata["help"]))
+    return rows
 
 
-def _config(args: argparse.Namespace):
+def flag_table() -> str:
+    """The README's table of ``vpfast train`` flags (tests/test_cli.py checks that the README holds this text)."""
+    lines = ["| group | flag | default | accepts | what it sets |", "|---|---|---|---|---|"]
+    lines += [f"| {group} | `{flag}` | {default} | {accepts} | {text} |"
+              for group, flag, default, accepts, text in flag_rows()]
+    return "\n".join(lines)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per TrainConfig field, in the schema's groups, described from the schema.
+
+    Defaults are suppressed: the parsed namespace holds only the flags the user typed (``explicit_flags``),
+    and the config's own defaults fill in the rest.
+    """
     import dataclasses
 
-    from vpfast.train.config import TrainConfig
+    from vpfast.train.config import GROUPS, TrainConfig, kind_of
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for group, flag, default, accepts, text in flag_rows():
+        name = flag.split("/")[0][2:].replace("-", "_")
+        base, _ = kind_of(fields[name])
+        help_text = f"{text} [{accepts}; default: {default}]".replace("%", "%%")
+        options = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if base is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif base is list:
+            options.update(nargs="+", metavar="TEXT")
+        else:
+            choices = fields[name].metadata["choices"]
+            metavar = "{" + ",".join(c for c in choices if c) + "}" if choices else \
+                {dict: "JSON", int: "N", float: "X", str: "TEXT"}[base]
+            options.update(type={dict: _json_object, int: int, float: float, str: str}[base], metavar=metavar)
+        groups[group].add_argument(_flag(name), **options)
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields the user typed, each checked (type and range) under its flag's name."""
+    import dataclasses
+
+    from vpfast.train.config import TrainConfig, check_field
+
+    return {f.name: check_field(_flag(f.name), getattr(args, f.name), f)
+            for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def explicit_flags(argv: Sequence[str]) -> dict[str, object]:
+    """The config fields typed in ``vpfast train`` arguments ``argv`` (not argparse defaults), checked."""
+    return given_flags(build_parser().parse_args(["train", *argv]))
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vpfast.train.config import TrainConfig
     from vpfast.train.loop import train
 
-    results = train(_config(args), resume=args.resume)
+    given = given_flags(args)
+    if args.resume:
+        from vpfast.train.resume import resume_config
+
+        cfg = resume_config(given.get("out", TrainConfig.out), given)
+    else:
+        cfg = TrainConfig(**given)
+    cfg.resolved()  # every value and combination checked before any work
+    cfg.check_out()
+    results = train(cfg, resume=args.resume)
     print(json.dumps(results, indent=2))
     return 0
 
 
+TRAIN_DESCRIPTION = """Learn a visual prompt for a frozen model. The defaults reproduce EVP's released recipe on
+CLIP ViT-B/32; --method picks another method and its recipe. Every value is checked before any work starts."""
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="learn a visual prompt for a frozen model (EVP recipe by default)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 description=TRAIN_DESCRIPTION)
     _config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint; flags given with it change the "
+                             "saved config where that is safe")
     parser.set_defaults(handler=_train)
 
 
@@ -135,11 +208,14 @@ def _add_selftest(commands: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from vpfast import demo
 
-    print(demo.format_table(demo.run(args.data, args.preset, args.out)))
+    print(demo.format_table(demo.run(args.data, args.preset, args.out, progress=sys.stderr.isatty(),
+                                     threads=args.threads)))
     return 0
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from vpfast import demo
+
     parser = commands.add_parser("demo", help="prompt a real ImageNet model to classify real digits, offline",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="mnist", choices=("mnist", "digits", "fashion-mnist"),
@@ -147,6 +223,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default="quick", choices=("quick", "long"),
                         help="quick: 112 px canvas, 1,536 images, one epoch; long: all 3,600 training images, 8 epochs")
     parser.add_argument("--out", default="runs/demo", help="directory for the runs and demo.json")
+    parser.add_argument("--threads", type=_positive_int, default=demo.THREADS, metavar="N",
+                        help="CPU threads; the accuracies are reproducible for a given count, and the README's are "
+                             "at the default")
     parser.set_defaults(handler=_demo)
 
 
@@ -172,3 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # bad input: say what is wrong, no traceback
         print(f"vpfast: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        from vpfast.train.loop import TrainingInterrupted
+
+        if not isinstance(exc, TrainingInterrupted):
+            raise
+        print(str(exc), file=sys.stderr)  # SIGINT/SIGTERM: the run saved its checkpoint; one line, no traceback
+        return exc.exit_code

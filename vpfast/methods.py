@@ -69,12 +69,15 @@ def scaled_width(value: int | None, size: int) -> int:
 
 
 def _prompter_options(cfg: TrainConfig, backbone: FrozenClassifier) -> dict:
+    import torch
+
     from vpfast.prompters import Diversity
 
     diversity = Diversity(p=cfg.diversity, flip=cfg.flip) if cfg.diversity > 0 or cfg.flip else None
+    bf16 = getattr(backbone, "precision", "fp32") == "bf16"  # a bf16 model takes bf16 canvases
     return dict(image_size=cfg.image_size or backbone.input_size[0], mean=backbone.mean, std=backbone.std,
                 mode=cfg.mode, antialias=cfg.antialias, diversity=diversity, grad_region=cfg.grad_region,
-                seed=cfg.seed)
+                seed=cfg.seed, out_dtype=torch.bfloat16 if bf16 else None)
 
 
 def _build_evp(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:

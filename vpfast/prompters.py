@@ -46,6 +46,14 @@ def _check_int(name: str, value: int, low: int, high: int | None = None, why: st
         raise ValueError(f"{name} must be an integer {bounds}{why}, got {value!r}")
 
 
+def check_channels(images: torch.Tensor, channels: int) -> None:
+    """Raise ValueError naming the images' shape when a (B, C, H, W) batch has not the prompter's C channels."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] != channels:
+        raise ValueError(f"images must have {channels} channels, (B, {channels}, H, W), to match the prompter, got "
+                         f"shape {tuple(images.shape)}: repeat a grayscale batch with images.expand(-1, 3, -1, -1), "
+                         f"drop an alpha channel with images[:, :3]")
+
+
 def _channel_buffer(name: str, value: Sequence[float] | None, nonzero: bool = False) -> torch.Tensor | None:
     """Three per-channel float32 values as a fresh CPU tensor (None stays None), checked as compose checks them."""
     vec = channel_vector(name, value, 3, torch.device("cpu"), nonzero=nonzero)
@@ -181,6 +189,7 @@ class _Prompter(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Prompted, normalized (B, 3, S, S) batch from (B, 3, H, W) uint8 (0..255) or float (0..1) images."""
         prompt, mask = self._prompt_and_mask()
+        check_channels(images, prompt.shape[0])
         transform = None
         if self.training and self.diversity is not None:
             rows = self.diversity.draw(images.shape[0], self.image_size, self.generator)

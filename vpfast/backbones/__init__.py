@@ -5,7 +5,7 @@ Every builder returns a ``FrozenClassifier``: logits of normalized images, with 
 the builder that needs them.
 """
 
-from vpfast.backbones.frozen import FrozenClassifier
+from vpfast.backbones.frozen import PRECISIONS, FrozenClassifier, cast_frozen
 from vpfast.backbones.label_mapping import FirstK, FrequencyMapping, greedy_one_to_one
 from vpfast.backbones.packaged_weights import EFFICIENTNET_LITE0, PACKAGED_WEIGHTS, load_state_dict_by_position
 from vpfast.backbones.timm_models import efficientnet_lite0, from_timm
@@ -16,10 +16,12 @@ __all__ = [
     "EFFICIENTNET_LITE0",
     "EVP_TEMPLATE",
     "PACKAGED_WEIGHTS",
+    "PRECISIONS",
     "FirstK",
     "FrequencyMapping",
     "FrozenClassifier",
     "ZeroShotHead",
+    "cast_frozen",
     "efficientnet_lite0",
     "from_open_clip",
     "from_timm",

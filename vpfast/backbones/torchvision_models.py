@@ -17,10 +17,12 @@ def weights_preprocessing(weights: Any) -> tuple[int, tuple[float, ...], tuple[f
     return transform.crop_size[0], tuple(transform.mean), tuple(transform.std)
 
 
-def from_torchvision(name: str, weights: Any = None, *, autocast_dtype: torch.dtype | None = None) -> FrozenClassifier:
+def from_torchvision(name: str, weights: Any = None, *, autocast_dtype: torch.dtype | None = None,
+                     precision: str = "fp32", compile: bool | str = False) -> FrozenClassifier:
     """A frozen torchvision classifier; mean/std and size from the weights' transform, else ImageNet at 224.
 
-    ``weights`` is None (random weights), a weights enum member, or its name as a string.
+    ``weights`` is None (random weights), a weights enum member, or its name as a string. ``precision``
+    and ``compile``: see ``FrozenClassifier``.
     """
     torchvision = require("torchvision", extra="torchvision")
     models = torchvision.models
@@ -40,4 +42,4 @@ def from_torchvision(name: str, weights: Any = None, *, autocast_dtype: torch.dt
         size, mean, std = weights_preprocessing(weights)
         num_classes = len(weights.meta["categories"])
     return FrozenClassifier(model, input_size=(size, size), mean=mean, std=std, num_classes=num_classes,
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=autocast_dtype, precision=precision, compile=compile)

@@ -21,7 +21,12 @@ EVP_TEMPLATE = "this is a photo of a {}"
 
 
 class ZeroShotHead(nn.Module):
-    """Logits = ``logit_scale`` * cosine(image feature, class embedding), one fixed embedding per class."""
+    """Logits = ``logit_scale`` * cosine(image feature, class embedding), one fixed embedding per class.
+
+    Computed in float32 whatever the tower's precision or autocast: the head is tiny and the logits feed the loss.
+    """
+
+    keeps_float32 = True
 
     def __init__(self, class_embeddings: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
@@ -29,7 +34,8 @@ class ZeroShotHead(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(features, dim=-1) @ self.class_embeddings.to(features.dtype).t()
+        with torch.autocast(features.device.type, enabled=False):
+            return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.class_embeddings.t()
 
     def extra_repr(self) -> str:
         num_classes, dim = self.class_embeddings.shape
@@ -103,6 +109,8 @@ def from_open_clip(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     cache_dir: str | None = None,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> FrozenClassifier:
     """A frozen open_clip image tower with a zero-shot head over ``classnames``.
 
@@ -111,7 +119,8 @@ def from_open_clip(
     random weights without any download. Weights trained with QuickGELU get QuickGELU whatever the name says.
     ``model_cfg`` replaces top-level keys of the named config (e.g. ``vision_cfg``, ``text_cfg``,
     ``embed_dim``) to build small models. ``logit_scale`` None uses the model's learned scale; EVP uses
-    100. ``device`` is where the model is built and the class names are encoded.
+    100. ``device`` is where the model is built and the class names are encoded. ``precision`` and
+    ``compile``: see ``FrozenClassifier`` (the text is encoded in float32 before any cast).
     """
     open_clip = require("open_clip", extra="clip")
     _check_open_clip_source(open_clip, name, pretrained)
@@ -136,4 +145,6 @@ def from_open_clip(
         std=preprocess["std"],
         num_classes=len(classnames),
         autocast_dtype=autocast_dtype,
+        precision=precision,
+        compile=compile,
     )

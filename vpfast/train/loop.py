@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vpfast import pretrained
-from vpfast.train import checkpoint, data
+from vpfast.train import checkpoint, data, fast
 from vpfast.train import progress as progress_output
 from vpfast.train.build import (
     PromptedClassifier,
@@ -35,6 +35,7 @@ from vpfast.train.config import PIXEL_METHODS, TrainConfig
 from vpfast.train.interrupt import EXIT_CODES, StopSignals, TrainingInterrupted
 from vpfast.train.metrics import MetricsLog, plot
 from vpfast.train.resume import check_compatible, restore, saved_config
+from vpfast.train.step import TrainStep, graph_support, make_step
 
 CHECKPOINT_EVERY_S = 600.0  # last/ is also saved after this long without a save, whatever --checkpoint-every says
 
@@ -150,9 +151,9 @@ def base_to_novel_accuracy(model: PromptedClassifier, test_set, num_classes: int
 def build_run(cfg: TrainConfig, device: torch.device):
     """(model, datasets, classes) for a resolved config; seeded, so random-weight backbones rebuild identically."""
     torch.manual_seed(cfg.seed)
-    # The CLIP head needs the class names first; image files are decoded at --image-size (224 by default)
-    # and resized to the prompter's inner size on the device.
-    train, val, test, classes = load_datasets(cfg, cfg.image_size or 224)
+    # The CLIP head needs the class names first; image files are decoded at the prompter's inner size.
+    train, val, test, classes = load_datasets(cfg, fast.decode_size(cfg))
+    (train, val, test), _ = data.store([train, val, test], cfg.data_device, device)
     backbone = build_backbone(cfg, classes, device)
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)),
                                build_tokens(cfg, backbone), build_adapter(cfg, backbone))
@@ -196,7 +197,7 @@ def _continue_command(out: Path) -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          hook: Callable[[str, dict], None] | None = None) -> dict | None:
+          hook: Callable[[str, dict], None] | None = None, mapping: torch.Tensor | None = None) -> dict | None:
     """Train a prompt as ``cfg`` says; returns (and writes to ``<out>/results.json``) the final figures.
 
     With ``resume`` the run continues from ``<out>/last`` exactly where it stopped; ``cfg`` must match the saved
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     (an interrupted validation is redone on resume); any other exception saves ``last/`` and propagates.
     ``hook(event, state)`` runs after every optimizer step (``"step"``), validation batch (``"validation"``)
     and once training is done (``"trained"``). Under DDP, ranks other than 0 return None.
+    ``mapping``: a frequency label mapping counted beforehand (``vpfast demo`` counts one per backbone),
+    used instead of counting one before the first epoch.
     """
     cfg = cfg.resolved()
     out = Path(cfg.out)
@@ -220,6 +223,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     main_rank = rank == 0
     progress = progress and main_rank
     model, (train_set, val_set, test_set), classes = build_run(cfg, device)
+    if mapping is not None:
+        model.mapping.mapping.copy_(mapping)
     columns = base_columns(cfg, len(classes))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": -1.0, "train_seconds": 0.0, "train_images": 0,
@@ -231,6 +236,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None) if world > 1 else model)
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None) if main_rank else None
+    step = TrainStep(lambda images, labels, global_n, stand_in: _batch_loss(
+        ddp, model, images, labels, columns, global_n, world, stand_in), optimizer, device)
+    why_not = graph_support(device, world, fast.host_inputs(cfg), optimizer)
+    run_step, path = make_step(step, fast.cuda_graph(cfg), why_not, device)
+    speed = fast.report(model, train_set, path, why_not)
     if extension is not None and main_rank:
         progress_output.say(f"--epochs {extension['epochs_from']} -> {extension['epochs_to']}: the schedule is now "
                             f"the one of a {cfg.epochs}-epoch run, continuing at epoch {state['epoch'] + 1} with lr "
@@ -280,6 +290,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
+        if not resume:  # the first record, so a resumed run logs what an uninterrupted one does
+            log.write(step=state["step"], **speed)
     with StopSignals(device, world > 1) as signals:
         try:
             while True:
@@ -290,7 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     break
                 epoch = state["epoch"]
                 if state["step_in_epoch"] == 0 and model.mapping is not None \
-                        and hasattr(model.mapping, "should_refresh") and model.mapping.should_refresh(epoch):
+                        and hasattr(model.mapping, "should_refresh") and model.mapping.should_refresh(epoch) \
+                        and (epoch > 0 or mapping is None):
                     refresh_mapping(model, train_set, cfg, device, progress)
                 model.train()
                 order = list(data.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch,
@@ -306,17 +319,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                                       strict=True):
                     global_n = min(cfg.batch_size, len(train_set) - state["step_in_epoch"] * cfg.batch_size)
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    loss = _batch_loss(ddp, model, images, labels, columns, global_n, world, stand_in)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    run_step(images, labels, global_n if world > 1 else None, stand_in)  # host args: graph keys
                     state["step_in_epoch"] += 1
                     state["step"] += 1
                     state["train_images"] += global_n
                     state["train_seconds"] += time.perf_counter() - tick
                     value = None
                     if state["step"] % cfg.log_every == 0:
-                        value = _global_value(loss, world)
+                        value = _global_value(step.mean_loss(), world)
                         if main_rank:
                             log.write(step=state["step"], epoch=epoch, loss=value, lr=optimizer.param_groups[0]["lr"])
                     bar.step(value)
@@ -358,7 +368,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         results["test_acc"] = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
     results.update({
         "trainable_params": model.num_trainable,
-        "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9), **speed,
     })
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     pretrained.save_run(out / "pretrained", model, cfg, classes, results)  # the shareable prompt

@@ -1,7 +1,8 @@
 """``vpfast train --resume``: the saved run's config, with only the overrides that cannot change what it learns.
 
 A resumed run continues the saved config. A value given with ``--resume`` must equal the saved one, except
-the fields in ``SAFE_OVERRIDES``: where data is read, how it is loaded and logged, the device, when to stop,
+the fields in ``SAFE_OVERRIDES``: where data is read, stored, loaded and logged, the device, whether the
+step is replayed from CUDA graphs, when to stop,
 and ``epochs``, which extends (or shortens, not below the epochs done) the run. After a change of ``epochs``
 the schedule is the one a run started with the new number would follow: the learning rate of every remaining
 epoch is read off that curve (the epochs already trained keep their rates). ``max_steps`` is not inherited:
@@ -20,7 +21,7 @@ from vpfast.train import checkpoint
 from vpfast.train.config import TrainConfig
 
 SAFE_OVERRIDES = ("epochs", "max_steps", "log_every", "checkpoint_every", "num_workers", "device", "data_root",
-                  "download", "out")
+                  "download", "out", "data_device", "cuda_graph")
 
 
 def saved_config(out: str | Path) -> TrainConfig:
