@@ -75,10 +75,10 @@ def test_bf16_precision_trains_on_the_cpu_with_a_bf16_canvas(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precision", "fp16"], r"precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"),
-    (["--compile", "yes"], r"compile must be one of \('auto', 'on', 'off'\), got 'yes'"),
-    (["--cuda-graph", "always"], r"cuda_graph must be one of \('auto', 'on', 'off'\), got 'always'"),
-    (["--data-device", "gpu"], r"data_device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"),
+    (["--precision", "fp16"], r"--precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"),
+    (["--compile", "yes"], r"--compile must be one of \('auto', 'on', 'off'\), got 'yes'"),
+    (["--cuda-graph", "always"], r"--cuda-graph must be one of \('auto', 'on', 'off'\), got 'always'"),
+    (["--data-device", "gpu"], r"--data-device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"),
     (["--device", "cpu", "--data-device", "cuda"],
      r"data_device 'cuda' stores the data on the training GPU, but training runs on cpu"),
     (["--device", "cpu", "--cuda-graph", "on", "--data-device", "cpu"],
