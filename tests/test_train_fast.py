@@ -9,24 +9,17 @@ import re
 import pytest
 import torch
 
+import test_train
 from vpfast.train import checkpoint, data
 from vpfast.train.config import TrainConfig
 from vpfast.train.loop import train
 
 pytestmark = pytest.mark.cpu
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 def tiny(out, **changes) -> TrainConfig:
-    base = dict(model="open_clip:ViT-B-32", pretrained=None, model_cfg=TINY_CLIP, data="digits", epochs=2,
-                batch_size=16, train_limit=60, test_limit=32, val_fraction=0.1, num_workers=0, log_every=2,
-                diversity=0.5, device="cpu", out=str(out))
-    return TrainConfig(**{**base, **changes})
+    """test_train's tiny EVP run with 60 training images (a partial last batch), logged every 2 steps."""
+    return test_train.tiny(out, **{"train_limit": 60, "log_every": 2, **changes})
 
 
 class _Streamed(torch.utils.data.Dataset):
@@ -87,7 +80,7 @@ def test_bf16_precision_trains_on_the_cpu_with_a_bf16_canvas(tmp_path):
 def test_bad_speed_flags_are_clear_errors(args, message, capsys, tmp_path):
     from vpfast.cli import main
 
-    common = ["--model", "open_clip:ViT-B-32", "--pretrained", "none", "--model-cfg", json.dumps(TINY_CLIP),
+    common = ["--model", "open_clip:ViT-B-32", "--pretrained", "none", "--model-cfg", json.dumps(test_train.TINY_CLIP),
               "--data", "digits", "--epochs", "1", "--batch-size", "16", "--train-limit", "16", "--test-limit",
               "16", "--num-workers", "0", "--out", str(tmp_path)]
     assert main(["train", *common, *args]) == 2
