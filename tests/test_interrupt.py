@@ -176,9 +176,9 @@ def test_output_that_is_not_a_terminal_gets_plain_lines_and_the_validation_accur
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
-    steps = [f"epoch {e}/2: step {s}/4" + ("" if s == 1 else r", loss \d+\.\d{4}") for e in (1, 2)
+    steps = [f"evp epoch {e}/2: step {s}/4" + ("" if s == 1 else r", loss \d+\.\d{4}") for e in (1, 2)
              for s in (1, 2, 3, 4)]
-    validation = r"epoch {}/2: validation accuracy \d\.\d{{4}} \(best \d\.\d{{4}}\)"
+    validation = r"evp epoch {}/2: validation accuracy \d\.\d{{4}} \(best \d\.\d{{4}}\)"
     expected = [*steps[:4], validation.format(1), *steps[4:], validation.format(2)]
     assert len(lines) == len(expected), err
     for line, pattern in zip(lines, expected, strict=True):
@@ -189,8 +189,8 @@ def test_a_terminal_gets_a_bar_and_the_validation_accuracy(tmp_path, capsys, mon
     monkeypatch.setattr(progress_output, "on_terminal", lambda: True)
     train(tiny(tmp_path / "run", epochs=1), progress=True)
     err = capsys.readouterr().err
-    assert "\r" in err and "epoch 1/1:" in err
-    assert re.search(r"(^|\r)epoch 1/1: validation accuracy \d\.\d{4} \(best \d\.\d{4}\)$", err, re.M)
+    assert "\r" in err and "evp epoch 1/1:" in err
+    assert re.search(r"(^|\r)evp epoch 1/1: validation accuracy \d\.\d{4} \(best \d\.\d{4}\)$", err, re.M)
 
 
 def test_last_is_also_saved_on_a_timer_so_a_kill_loses_little(tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def refresh_mapping(model: PromptedClassifier, dataset, cfg: TrainConfig, device
     n = min(cfg.mapping_samples, len(dataset))
     order = data.epoch_batches(n, cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=False)
     for images, labels in progress_output.bar(data.batches(dataset, order, cfg.num_workers), -(-n // cfg.batch_size),
-                                              "label mapping", progress):
+                                              f"{cfg.method} label mapping", progress):
         model.mapping.update(model.source_logits(images.to(device, non_blocking=True)), labels.to(device))
     model.mapping.assign()
 
@@ -141,8 +141,8 @@ def base_to_novel_accuracy(model: PromptedClassifier, test_set, num_classes: int
         subset = data.class_range(test_set, start, stop)
         if len(subset) == 0:
             raise ValueError(f"the test set has no images of the {name} classes (is --test-limit too small?)")
-        accuracy[name] = evaluate(model, subset, cfg.batch_size, device, cfg.num_workers, f"test ({name})", progress,
-                                  columns=slice(start, stop))
+        accuracy[name] = evaluate(model, subset, cfg.batch_size, device, cfg.num_workers, f"{cfg.method} test ({name})",
+                                  progress, columns=slice(start, stop))
     total = accuracy["base"] + accuracy["novel"]
     harmonic = 2 * accuracy["base"] * accuracy["novel"] / total if total else 0.0
     return {"base_acc": accuracy["base"], "novel_acc": accuracy["novel"], "harmonic_mean": harmonic}
@@ -274,15 +274,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     def validate() -> None:
         epoch = state["epoch"]
-        val_acc = evaluate(model, val_set, cfg.batch_size, device, cfg.num_workers, "validation", progress, columns,
-                           after_batch=lambda: safe_point("validation"))
+        val_acc = evaluate(model, val_set, cfg.batch_size, device, cfg.num_workers, f"{cfg.method} validation",
+                           progress, columns, after_batch=lambda: safe_point("validation"))
         if main_rank:
             log.write(step=state["step"], epoch=epoch, val_acc=val_acc)
         if val_acc > state["best_val"]:
             if main_rank:
                 checkpoint.save(out / "best", model.trainable_state(), cfg)
             state["best_val"] = val_acc
-        progress_output.say(f"epoch {epoch}/{cfg.epochs}: validation accuracy {val_acc:.4f} "
+        progress_output.say(f"{cfg.method} epoch {epoch}/{cfg.epochs}: validation accuracy {val_acc:.4f} "
                             f"(best {state['best_val']:.4f})", progress)
         state["validate"] = False
         save_last()
@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 # those load one stand-in image that the loss weighs 0
                 stand_ins = [len(index) == 0 for index in order]
                 order = [index if len(index) else torch.zeros(1, dtype=torch.long) for index in order]
-                bar = progress_output.EpochProgress(f"epoch {epoch + 1}/{cfg.epochs}", n_batches,
+                bar = progress_output.EpochProgress(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", n_batches,
                                                     state["step_in_epoch"], progress)
                 tick = time.perf_counter()
                 for (images, labels), stand_in in zip(data.batches(train_set, order, cfg.num_workers), stand_ins,
@@ -365,7 +365,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         results.update(base_to_novel_accuracy(model, test_set, len(classes), cfg, device, progress))
     else:
         model.load_trainable_state(checkpoint.load_tensors(out / "best"))
-        results["test_acc"] = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
+        results["test_acc"] = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, f"{cfg.method} test",
+                                       progress)
     results.update({
         "trainable_params": model.num_trainable,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9), **speed,
@@ -396,5 +397,5 @@ def evaluate_checkpoint(directory: str | Path, data_name: str | None = None, pro
     if cfg.base_to_novel:
         return {"checkpoint": str(directory), "data": cfg.data,
                 **base_to_novel_accuracy(model, test_set, len(classes), cfg, device, progress)}
-    acc = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, "test", progress)
+    acc = evaluate(model, test_set, cfg.batch_size, device, cfg.num_workers, f"{cfg.method} test", progress)
     return {"checkpoint": str(directory), "data": cfg.data, "test_acc": acc}
