@@ -224,13 +224,13 @@ def _transformed_value(
 ):
     """One channel after the per-sample transform at resized rows ry x columns rx: the bilinear corners of the
     canvas, each the image's taps times gain plus the term, flattened into products of per-row and per-column
-    weights (the corner's times the image tap's), so every tap is computed once per row or column."""
+    weights (the corner's times the image tap's), so every tap is computed once per row or column. With ``flip``
+    the image's column taps are those of the mirrored inner column (the image flip; the term is not mirrored)."""
     term = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
     for cy in tl.static_range(2):
         py, wy = _tap(ry, cy, S, scale_t, False, False)
         for cx in tl.static_range(2):
             px, wx = _tap(rx, cx, S, scale_t, False, False)
-            px = tl.where(flip != 0, S - 1 - px, px)
             term += (wy[:, None] * wx[None, :]) * tl.load(term_c_ptr + py[:, None] * S + px[None, :])
     image = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
     for cy in tl.static_range(2):
@@ -240,9 +240,10 @@ def _transformed_value(
             row = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
             for cx in tl.static_range(2):
                 px, wx = _tap(rx, cx, S, scale_t, False, False)
-                px = tl.where(flip != 0, S - 1 - px, px)
+                jx = px - ox  # the inner image's column, mirrored for the image flip (off the image stays off it)
+                jx = tl.where(flip != 0, s - 1 - jx, jx)
                 for kx in tl.range(KW, loop_unroll_factor=KW if KW <= 4 else 1):
-                    ix, wix = _image_tap(px - ox, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
+                    ix, wix = _image_tap(jx, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
                     v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
                     row += (wx * wix)[None, :] * v.to(tl.float32)
             image += (wy * wiy)[:, None] * row
@@ -349,8 +350,7 @@ def _sample_grad(
     if HAS_TRANSFORM:
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
-        flip = tl.load(t_ptr + b * 4 + 3)
-        qx = tl.minimum(tl.maximum(tl.where(flip != 0, S - 1 - X, X), 0), S - 1)
+        qx = tl.minimum(X, S - 1)  # the flip mirrors the image only: the prompt gradient does not see it
         ya = a_ptr + (tl.cast(b, tl.int64) * S + tl.minimum(Y, S - 1)) * (KT + 1)
         xa = a_ptr + (tl.cast(b, tl.int64) * S + qx) * (KT + 1)
         ylo = tl.load(ya).to(tl.int32)

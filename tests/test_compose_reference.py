@@ -75,6 +75,9 @@ def independent_forward(images, prompt, kwargs) -> np.ndarray:
     mode, aa = kwargs["mode"], kwargs["antialias"]
     wy, wx = resize_weights(height, inner, mode, aa), resize_weights(width, inner, mode, aa)
     r = np.einsum("yh,bchw,xw->bcyx", wy, x, wx)
+    if kwargs.get("transform") is not None:  # the image flip: the resized image mirrored, before the prompt
+        flips = kwargs["transform"][:, 3].numpy().astype(bool)
+        r[flips] = r[flips][..., ::-1]
     canvas = np.full((batch, channels, size, size), kwargs["fill"])
     canvas[:, :, oy:oy + inner, ox:ox + inner] = r
     p = prompt.double().numpy()
@@ -87,11 +90,10 @@ def independent_forward(images, prompt, kwargs) -> np.ndarray:
         return y
     out = np.empty_like(y)
     background = (np.full((channels, 1, 1), kwargs["fill"]) - mean) / std
-    for b, (sz, ty, tx, flip) in enumerate(kwargs["transform"].tolist()):
-        yb = y[b][:, :, ::-1] if flip else y[b]
+    for b, (sz, ty, tx, _) in enumerate(kwargs["transform"].tolist()):
         rw = resize_weights(size, sz, "bilinear", False)
         out[b] = background
-        out[b][:, ty:ty + sz, tx:tx + sz] = rw @ yb @ rw.T
+        out[b][:, ty:ty + sz, tx:tx + sz] = rw @ y[b] @ rw.T
     return out
 
 
@@ -222,6 +224,19 @@ def test_identity_transform_rows_change_nothing():
     identity = torch.tensor([[case.size, 0, 0, 0]] * case.batch, dtype=torch.int32)
     assert rel_err(vpfast.ops.compose(images, prompt, transform=identity, **kwargs),
                    vpfast.ops.compose(images, prompt, **kwargs)) == 0.0
+
+
+@pytest.mark.parametrize("case", [Case(batch=3), Case(batch=3, mode="bicubic", antialias=True, dtype=torch.uint8,
+                                                  offset=(1, 4), prompt_space="normalized")], ids=str)
+def test_flip_mirrors_the_image_not_the_prompt(case):
+    """A flip row equals composing the mirrored images unflipped: the prompt stays where it is."""
+    images, prompt, kwargs = make_inputs(case, seed=29)
+    flip = torch.tensor([1, 0, 1])
+    rows = torch.tensor([[case.size, 0, 0, int(f)] for f in flip], dtype=torch.int32)
+    mirrored = torch.where(flip.bool().view(-1, 1, 1, 1), images.flip(-1), images)
+    got = vpfast.ops.compose(images, prompt, transform=rows, **kwargs)
+    assert rel_err(got, vpfast.ops.compose(mirrored, prompt, **kwargs)) < 1e-6
+    assert rel_err(got[0], vpfast.ops.compose(images, prompt, **kwargs)[0].flip(-1)) > 1e-2
 
 
 def test_uint8_equals_float_input():

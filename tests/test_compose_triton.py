@@ -23,6 +23,7 @@ FORWARD_MORE = [
     Case(transform=True, batch=3, mode="bicubic", antialias=True, layout="crop", prompt_space="normalized"),
     Case(transform=True, batch=2, height=6, width=7, antialias=True, out_dtype=torch.bfloat16),
     Case(transform=True, batch=1, mask=False, normalize=False),
+    Case(transform=True, batch=3, height=9, width=5, size=11, inner=7, offset=(1, 3)),  # odd sizes, off-center
     Case(out_dtype=torch.bfloat16, dtype=torch.uint8),
     Case(out_dtype=torch.float16, channels_last_out=True),
     Case(channels_last_out=True, transform=True, batch=2),

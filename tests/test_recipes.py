@@ -64,14 +64,15 @@ def _train_vpfast(batches, epochs: int, lr: float) -> tuple[torch.Tensor, list[t
     return prompter.prompt.detach(), flips
 
 
-def _train_released(batches, epochs: int, lr: float, flips: list[torch.Tensor], mirror_prompt: bool) -> torch.Tensor:
+def _train_released(batches, epochs: int, lr: float, flips: list[torch.Tensor],
+                    mirror_prompt: bool = False) -> torch.Tensor:
     """UCSC-VLAA/EVP's training step in float64, written from its description (docs/methods.md, EVP).
 
     Per sample: bicubic antialiased resize of the stored image to the inner size, a random horizontal
     flip, zero pad, + prompt, CLIP normalization. B prompt copies, their mean gradient, L2 norm over the
-    whole canvas, masked step, per-epoch cosine. ``mirror_prompt``: a flipped sample's prompt is mirrored
-    with its image (vpfast flips the prompted canvas in compose's per-sample transform); without it,
-    the released code's image-only flip.
+    whole canvas, masked step, per-epoch cosine. The flip mirrors the image only, as the released data
+    pipeline does; ``mirror_prompt`` mirrors the prompted canvas instead (a flip after the prompt is added,
+    what vpfast did before), to show the test tells the two apart.
     """
     model = _frozen_model(torch.float64)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)
@@ -111,15 +112,14 @@ def test_evprompter_defaults_train_the_released_steps_in_float64():
     drawn = torch.cat(flips)
     assert 0 < int(drawn.sum()) < drawn.numel()  # both kinds of sample occur
     assert got.abs().max() > 1.0  # the prompt moved
-    expected = _train_released(batches, epochs, lr, flips, mirror_prompt=True)
+    expected = _train_released(batches, epochs, lr, flips)
     assert rel_err(got, expected) < 1e-5
     assert (got[:, PAD:S - PAD, PAD:S - PAD] == 0).all()
-    # The test can tell: without the flips the steps differ.
-    unflipped = _train_released(batches, epochs, lr, [torch.zeros_like(f) for f in flips], mirror_prompt=True)
+    # The test can tell: without the flips, or with the prompt mirrored along with the image, the steps differ.
+    unflipped = _train_released(batches, epochs, lr, [torch.zeros_like(f) for f in flips])
     assert rel_err(got, unflipped) > 1e-3
-    # The remaining difference (docs/methods.md): the released code mirrors the image only, not the prompt.
-    image_only = _train_released(batches, epochs, lr, flips, mirror_prompt=False)
-    assert rel_err(got, image_only) > 1e-3
+    prompt_mirrored = _train_released(batches, epochs, lr, flips, mirror_prompt=True)
+    assert rel_err(got, prompt_mirrored) > 1e-3
 
 
 def _backbone(size: int = 224) -> SimpleNamespace:

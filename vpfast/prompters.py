@@ -66,9 +66,10 @@ class Diversity:
 
     A transformed sample is resized to a size drawn uniformly from [``min_size``, ``max_size``]
     (defaults: max_size S, min_size int(0.875 max_size)) and placed at a uniform random offset on the
-    S x S canvas (the rest normalized fill); the others keep (S, 0, 0). With ``flip`` every sample,
-    transformed or not, is also flipped horizontally with probability 0.5: ``Diversity(p=0, flip=True)``
-    is EVP's random flip. Applied in training mode only (docs/ops.md, compose; docs/methods.md, EVP).
+    S x S canvas (the rest normalized fill); the others keep (S, 0, 0). With ``flip`` every sample's
+    image, transformed or not, is also mirrored horizontally with probability 0.5, before the prompt is
+    added (the prompt is never mirrored): ``Diversity(p=0, flip=True)`` is EVP's released random flip.
+    Applied in training mode only (docs/ops.md, compose; docs/methods.md, EVP).
     """
 
     p: float = 0.5

@@ -133,8 +133,9 @@ def compose(
     ``inner_size`` x ``inner_size``, placed at ``offset`` (default centered) on an
     S x S canvas filled with ``fill``, the prompt is added where ``mask`` is 1 (in
     pixel or normalized space), the canvas is normalized by ``mean``/``std`` and,
-    if ``transform`` rows (size, ty, tx, flip) are given, each sample is flipped,
-    resized and placed on a fresh canvas. Gradients reach only the prompt, shaped
+    if ``transform`` rows (size, ty, tx, flip) are given, each sample's resized
+    image is first mirrored horizontally if flip (the image only, not the prompt)
+    and its canvas is resized and placed on a fresh canvas. Gradients reach only the prompt, shaped
     by ``grad_region`` and ``grad_norm``. Returns (B, C, S, S) in ``out_dtype``
     (default: the prompt's dtype) and ``memory_format``.
 
@@ -276,6 +277,9 @@ def compose_reference(
     size, s = layout.size, layout.inner
     if (height, width) != (s, s):
         x = F.interpolate(x, size=(s, s), mode=mode, align_corners=False, antialias=antialias)
+    if transform is not None:  # the image flip: the resized image is mirrored before the prompt is added
+        flip = transform[:, 3].to(device=x.device, dtype=torch.bool).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
     canvas = torch.full((batch, channels, size, size), fill, dtype=dtype, device=x.device)
     canvas[:, :, layout.oy:layout.oy + s, layout.ox:layout.ox + s] = x
     visible = prompt.to(dtype) if mask is None else prompt.to(dtype) * mask.to(dtype)
@@ -287,8 +291,8 @@ def compose_reference(
         return y
     background = _normalized_fill(fill, channels, mean, std, dtype, x.device)
     rows = []
-    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
-        yb = y[b:b + 1].flip(-1) if flip else y[b:b + 1]
+    for b, (sz, ty, tx, _) in enumerate(transform.tolist()):
+        yb = y[b:b + 1]
         if sz != size:
             yb = F.interpolate(yb, size=(sz, sz), mode="bilinear", align_corners=False)
         canvas_b = background.expand(1, channels, size, size).clone()
@@ -304,15 +308,18 @@ def _resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.devi
 
 
 def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """The gradient with respect to the canvas before the per-sample transform (its transpose)."""
+    """The gradient with respect to the canvas before the per-sample resize and placement (its transpose).
+
+    The flip column mirrors the image only, which the prompt gradient does not see.
+    """
     size = grad.shape[-1]
     out = torch.empty_like(grad)
-    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
+    for b, (sz, ty, tx, _) in enumerate(transform.tolist()):
         g = grad[b, :, ty:ty + sz, tx:tx + sz]
         if sz != size:
             r = _resize_matrix(size, sz, grad.dtype, grad.device)
             g = r.T @ g @ r
-        out[b] = g.flip(-1) if flip else g
+        out[b] = g
     return out
 
 
