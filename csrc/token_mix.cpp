@@ -1,6 +1,6 @@
 // The CPU kernels of vpfast::_ext_token_mix and vpfast::_ext_token_mix_backward (schemas in
 // vpfast/ops/token_mix.py: the "cpp" backend of token_mix), plus the argument checks that the
-// CUDA kernels share (contract: csrc/token_mix.h and DESIGN.md "token_mix").
+// CUDA kernels share (contract: csrc/token_mix.h and docs/ops.md "token_mix").
 //
 // What ATen has no op for, S = (Z + G) / tau with the hashed Gumbel noise, the top-k mask (ties kept)
 // and argmax, runs here in parallel over the B*M rows with torch::stable::parallel_for

@@ -1,7 +1,7 @@
 // vpfast::token_mix, PGN token-library soft sampling: definitions shared by the CPU kernels
 // (csrc/token_mix.cpp) and the CUDA kernels (csrc/cuda/token_mix*.cu).
 //
-// Contract (DESIGN.md, "token_mix"): S = (Z + G) / tau, top-k keeps the entries >= the k-th largest
+// Contract (docs/ops.md, "token_mix"): S = (Z + G) / tau, top-k keeps the entries >= the k-th largest
 // of each row of S (ties at the k-th value are all kept), A = softmax(S) over N or sigmoid(S),
 // hard mode replaces A by onehot(argmax S) in the forward only (straight-through), P = A @ T.
 //
