@@ -197,17 +197,18 @@ def _compose_term_kernel(
 
 @triton.jit
 def _canvas_value(
-    xc_ptr, term_c_ptr, gain, rows, cols, sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w,
+    xc_ptr, term_c_ptr, gain, rows, jx, cols, sxh, sxw, H, W, S, s, oy, scale_h, scale_w,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
     X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One channel of the canvas (before the per-sample transform) on the tile's rows x cols."""
+    """One channel of the canvas (before the per-sample transform) on the tile's rows x cols; ``jx`` holds the
+    inner image's column each canvas column reads (mirrored for a flipped sample)."""
     acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for ky in tl.range(KH, loop_unroll_factor=KH if KH <= 4 else 1):  # unrolled unless antialiased
         iy, wy = _image_tap(rows - oy, ky, s, H, scale_h, KH, Y_BICUBIC, Y_AA)
         row = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
         for kx in tl.range(KW, loop_unroll_factor=KW if KW <= 4 else 1):
-            ix, wx = _image_tap(cols - ox, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
+            ix, wx = _image_tap(jx, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
             v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
             row += wx[None, :] * v.to(tl.float32)
         acc += wy[:, None] * row
@@ -252,15 +253,17 @@ def _transformed_value(
 
 @triton.jit
 def _compose_fwd_kernel(
-    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr,
+    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr, f_ptr,
     B, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
     H, W, S, s, oy, ox, scale_h, scale_w, fill, n_col_tiles, channels,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
     X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr,
-    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, WIDE: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_FLIP: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term."""
+    """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term.
+    With HAS_FLIP (no transform) a flagged sample's canvas column reads inner column s - 1 - j for column j."""
     r0, c0, Y, X, valid = _tile(S, n_col_tiles, ROWS, BW)
     cidx = tl.arange(0, CP)
     cmask = cidx < C
@@ -293,10 +296,13 @@ def _compose_fwd_kernel(
     else:
         if (r0 < oy + s) & (r0 + ROWS > oy) & (c0 < ox + s) & (c0 + BW > ox):
             for b in tl.range(first, B, step, loop_unroll_factor=1):
+                jx = X - ox  # the inner image's column (off the image stays off it when mirrored)
+                if HAS_FLIP:
+                    jx = tl.where(tl.load(f_ptr + b) != 0, s - 1 - jx, jx)
                 for c in tl.static_range(C):
                     xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
-                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sxw,
-                                      H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
+                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, jx, X, sxh, sxw,
+                                      H, W, S, s, oy, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
                                       X_BICUBIC, X_AA, WIDE)
                     ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
                     tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
@@ -489,8 +495,9 @@ def term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term
 
 
 def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term: torch.Tensor,
-                   out: torch.Tensor, programs_wanted: int | None = None) -> Launch:
-    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``."""
+                   out: torch.Tensor, programs_wanted: int | None = None, flip: torch.Tensor | None = None) -> Launch:
+    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``,
+    mirrored where ``flip`` ((B,) int32, no transform) is non-zero."""
     batch, channels, height, width = images.shape
     size = out.shape[-1]
     kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
@@ -505,7 +512,7 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
     dummy = _dummy(images)
     args = (
         out, images, term, dummy if mean is None else mean, dummy if std is None else std,
-        dummy if transform is None else transform,
+        dummy if transform is None else transform, dummy if flip is None else flip,
         batch, *images.stride(), *out.stride(),
         height, width, size, inner, oy, ox, height / inner, width / inner, float(fill), n_col_tiles, channels,
     )
@@ -513,21 +520,21 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
         C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KH=kh, KW=kw,
         Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, UINT8=images.dtype == torch.uint8,
         HAS_MEAN=mean is not None, HAS_STD=std is not None, HAS_TRANSFORM=transform is not None,
-        WIDE=_wide(_extent(images), _extent(out), channels * size * size),
+        HAS_FLIP=flip is not None, WIDE=_wide(_extent(images), _extent(out), channels * size * size),
         num_warps=NUM_WARPS, enable_fp_fusion=transform is None,
     )
     return Launch(_compose_fwd_kernel, (tiles, batch_programs(batch, tiles, wanted)), args, constexprs)
 
 
 def compose_forward(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
-                    out_dtype, memory_format) -> torch.Tensor:
+                    out_dtype, memory_format, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Run the fused forward into a new (B, C, S, S) tensor of ``out_dtype`` and ``memory_format``."""
     channels, size, _ = prompt.shape
     term = _empty((channels, size, size), dtype=torch.float32, device=images.device)
     out = _empty((images.shape[0], channels, size, size), dtype=out_dtype, device=images.device,
                  memory_format=memory_format)
     term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term).run()
-    forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term, out).run()
+    forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term, out, flip=flip).run()
     return out
 
 

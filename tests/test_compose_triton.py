@@ -32,6 +32,11 @@ FORWARD_MORE = [
     Case(height=10, width=10),  # no resize
     Case(batch=1, height=97, width=131, size=24, inner=20, dtype=torch.uint8, antialias=True),
     Case(prompt_space="normalized", normalize=False),
+    # compose's flip flags on the plain row-wise path: odd sizes, off-center, uint8 and float, bicubic + antialias
+    Case(flip=True, batch=3, height=9, width=5, size=11, inner=7, offset=(1, 3)),
+    Case(flip=True, batch=3, dtype=torch.uint8, layout="channels_last", mode="bicubic", antialias=True),
+    Case(flip=True, batch=2, height=6, width=7, antialias=True, layout="crop", out_dtype=torch.bfloat16),
+    Case(flip=True, batch=2, height=10, width=10, offset=(0, 6), channels_last_out=True),  # no resize
 ]
 
 

@@ -60,8 +60,8 @@ def test_schemas_come_from_the_typed_options():
 
     assert COMPOSE.schema() == (
         "compose(Tensor images, Tensor prompt, Tensor? mask, Tensor? mean, Tensor? std, Tensor? transform, "
-        "SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, str prompt_space, "
-        "str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor")
+        "Tensor? flip, SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, "
+        "str prompt_space, str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor")
     assert COMPOSE_BACKWARD.schema() == (
         "compose_backward(Tensor grad_out, Tensor? mask, Tensor? std, Tensor? transform, str prompt_space, "
         "str grad_region, str grad_norm, ScalarType prompt_dtype) -> Tensor")
@@ -87,7 +87,7 @@ def test_the_direct_eager_path_and_the_dispatcher_agree():
     prompt.requires_grad_(True)
     options = ComposeOptions(6, 1, 1, 0.5, "bilinear", False, "pixel", "prompt", "sample_l2", torch.float32, True)
     mask = (torch.rand(8, 8) > 0.5).float()
-    tensors = (images, prompt, mask, None, torch.rand(3) + 0.5, None)
+    tensors = (images, prompt, mask, None, torch.rand(3) + 0.5, None, None)
     direct = compose_op(tensors, options)
     dispatched = torch.ops.vpfast.compose(*tensors, *options)
     assert type(direct.grad_fn).__name__ == type(dispatched.grad_fn).__name__ == "vpfast_composeBackward"
