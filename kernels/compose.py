@@ -197,18 +197,17 @@ def _compose_term_kernel(
 
 @triton.jit
 def _canvas_value(
-    xc_ptr, term_c_ptr, gain, rows, jx, cols, sxh, sxw, H, W, S, s, oy, scale_h, scale_w,
+    xc_ptr, term_c_ptr, gain, rows, cols, sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
     X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One channel of the canvas (before the per-sample transform) on the tile's rows x cols; ``jx`` holds the
-    inner image's column each canvas column reads (mirrored for a flipped sample)."""
+    """One channel of the canvas (before the per-sample transform) on the tile's rows x cols."""
     acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for ky in tl.range(KH, loop_unroll_factor=KH if KH <= 4 else 1):  # unrolled unless antialiased
         iy, wy = _image_tap(rows - oy, ky, s, H, scale_h, KH, Y_BICUBIC, Y_AA)
         row = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
         for kx in tl.range(KW, loop_unroll_factor=KW if KW <= 4 else 1):
-            ix, wx = _image_tap(jx, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
+            ix, wx = _image_tap(cols - ox, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
             v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
             row += wx[None, :] * v.to(tl.float32)
         acc += wy[:, None] * row
@@ -263,7 +262,8 @@ def _compose_fwd_kernel(
     WIDE: tl.constexpr,
 ):
     """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term.
-    With HAS_FLIP (no transform) a flagged sample's canvas column reads inner column s - 1 - j for column j."""
+    With HAS_FLIP (no transform) a flagged sample is read through its mirror image (column W - 1 - i for i,
+    a negative column stride): resizing commutes with the mirror, so the taps and weights stay the unflipped ones."""
     r0, c0, Y, X, valid = _tile(S, n_col_tiles, ROWS, BW)
     cidx = tl.arange(0, CP)
     cmask = cidx < C
@@ -296,13 +296,16 @@ def _compose_fwd_kernel(
     else:
         if (r0 < oy + s) & (r0 + ROWS > oy) & (c0 < ox + s) & (c0 + BW > ox):
             for b in tl.range(first, B, step, loop_unroll_factor=1):
-                jx = X - ox  # the inner image's column (off the image stays off it when mirrored)
-                if HAS_FLIP:
-                    jx = tl.where(tl.load(f_ptr + b) != 0, s - 1 - jx, jx)
+                xb = x_ptr + tl.cast(b, tl.int64) * sxb
+                sw = sxw
+                if HAS_FLIP:  # the mirror image: starts at the last column, steps back
+                    flagged = tl.load(f_ptr + b) != 0
+                    xb += tl.where(flagged, tl.cast(W - 1, tl.int64) * sxw, 0)
+                    sw = tl.where(flagged, -sxw, sxw)
                 for c in tl.static_range(C):
-                    xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
-                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, jx, X, sxh, sxw,
-                                      H, W, S, s, oy, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
+                    xc = xb + tl.cast(sxc, tl.int64) * c
+                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sw,
+                                      H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
                                       X_BICUBIC, X_AA, WIDE)
                     ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
                     tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
@@ -640,15 +643,17 @@ def aot_cases(capability: int) -> list[AotCase]:
     def out(dtype, memory_format=torch.contiguous_format):
         return torch.empty(batch, 3, size, size, dtype=dtype, memory_format=memory_format)
 
-    def fwd(images, transform, mode, antialias, o, inner_size=inner, offset=pad):
-        return forward_launch(images, vec, vec, transform, inner_size, offset, offset, 0.0, mode, antialias, term, o)
+    def fwd(images, transform, mode, antialias, o, inner_size=inner, offset=pad, flip=None):
+        return forward_launch(images, vec, vec, transform, inner_size, offset, offset, 0.0, mode, antialias, term, o,
+                              flip=flip)
 
     def accesses(bits: int) -> int:  # global accesses for `per_thread` contiguous elements of `bits` bits
         return per_thread * bits // 128
 
-    def plain(out_bits: int, taps: int = 4) -> dict:  # image: 3 x (gathers + term + store); frame: term + store
+    def plain(out_bits: int, taps: int = 4, flag: int = 0) -> dict:  # image: (the flip flag +) 3 x (gathers +
+        # term + store); frame: term + store
         return dict(min_store_bits=128, sass_paths={
-            "image": LoopDesign(3 * per_thread, 3 * (taps * per_thread + accesses(32) + accesses(out_bits)),
+            "image": LoopDesign(3 * per_thread, flag + 3 * (taps * per_thread + accesses(32) + accesses(out_bits)),
                                 FORWARD_IMAGE_BUDGET),
             "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
 
@@ -666,6 +671,11 @@ def aot_cases(capability: int) -> list[AotCase]:
                 **plain(16)),
         AotCase("fwd f32 32px->f32 bilinear", fwd(small_f32, None, "bilinear", False, out(torch.float32)),
                 **plain(32)),
+        AotCase("fwd u8->bf16 bilinear flip", fwd(u8, None, "bilinear", False, out(torch.bfloat16),
+                                                  flip=torch.empty(batch, dtype=torch.int32)), **plain(16, flag=1)),
+        AotCase("fwd f32->f32 bilinear flip", fwd(torch.empty(batch, 3, 224, 224), None, "bilinear", False,
+                                                  out(torch.float32), flip=torch.empty(batch, dtype=torch.int32)),
+                **plain(32, flag=1)),
         AotCase("fwd u8->bf16 bilinear transform", fwd(u8, t_rows, "bilinear", False, out(torch.bfloat16)),
                 **transformed()),
         AotCase("fwd f32->f32 bilinear transform", fwd(torch.empty(batch, 3, 224, 224), t_rows, "bilinear", False,
