@@ -96,6 +96,17 @@ def test_the_direct_eager_path_and_the_dispatcher_agree():
     assert torch.equal(torch.autograd.grad(direct, prompt, grad)[0], torch.autograd.grad(dispatched, prompt, grad)[0])
 
 
+def test_the_op_refuses_flip_with_transform():
+    from vpfast.ops.compose import ComposeOptions
+
+    images, prompt = _compose_inputs()
+    options = ComposeOptions(6, 1, 1, 0.5, "bilinear", False, "pixel", "prompt", "none", torch.float32, False)
+    rows = torch.tensor([[8, 0, 0, 0]] * images.shape[0], dtype=torch.int32)
+    flags = torch.zeros(images.shape[0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="flip and transform cannot both be given"):
+        torch.ops.vpfast.compose(images, prompt, None, None, None, rows, flags, *options)
+
+
 # --------------------------------------------------------------------------- the private-API shim
 
 

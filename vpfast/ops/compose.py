@@ -25,6 +25,8 @@ GRAD_NORMS = (None, "sample_l2", "sample_l1")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLIP_DTYPES = (torch.bool, torch.uint8, torch.int32)
+FLIP_WITH_TRANSFORM = "flip and transform cannot both be given: with a transform, flip with its 4th column " \
+    "(size, ty, tx, flip)"
 GRAD_NORM_EPS = 1e-12
 # Membership tests on the hot path: a set of dtypes compares by hash, a tuple by dtype.__eq__ (slower per item).
 _IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)
@@ -189,8 +191,7 @@ def compose(
 def flip_flags(flip: torch.Tensor, batch: int, device: torch.device, with_transform: bool) -> torch.Tensor:
     """``flip`` checked (shape, dtype, device; not its values) as a contiguous (B,) int32 tensor on ``device``."""
     if with_transform:
-        raise ValueError("flip and transform cannot both be given: with a transform, flip with its 4th column "
-                         "(size, ty, tx, flip)")
+        raise ValueError(FLIP_WITH_TRANSFORM)
     if not isinstance(flip, torch.Tensor) or flip.shape != (batch,):
         raise ValueError(f"flip must be a tensor of shape ({batch},) (one flag per sample), got "
                          f"{tuple(flip.shape) if isinstance(flip, torch.Tensor) else type(flip).__name__}")
@@ -448,6 +449,8 @@ _dispatch.register("compose", (
 
 
 def _select(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> _dispatch.Backend:
+    if flip is not None and transform is not None:  # the op called directly (compose() says so earlier)
+        raise ValueError(FLIP_WITH_TRANSFORM)
     return _dispatch.select("compose", images.device, prompt.dtype,
                             (images, prompt, mask, mean, std, transform, flip), options)
 
