@@ -84,6 +84,7 @@ def test_batch_loop_with_several_programs_per_tile(monkeypatch):
     case = Case(batch=5, size=8, inner=6, height=7, width=5)
     check_forward(case, "cpu", seed=3)
     check_forward(case.but(transform=True, dtype=torch.uint8, out_dtype=torch.bfloat16), "cpu", seed=4)
+    check_forward(case.but(flip=True), "cpu", seed=7)  # each sample's own flag
     check_backward(case, "cpu", 5, "prompt", "sample_l2")
     check_backward(case.but(transform=True), "cpu", 6, "canvas", None, torch.bfloat16, "channels_last")
 
