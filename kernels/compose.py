@@ -252,15 +252,18 @@ def _transformed_value(
 
 @triton.jit
 def _compose_fwd_kernel(
-    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr,
+    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr, f_ptr,
     B, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
     H, W, S, s, oy, ox, scale_h, scale_w, fill, n_col_tiles, channels,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
     X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr,
-    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, WIDE: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_FLIP: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term."""
+    """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term.
+    With HAS_FLIP (no transform) a flagged sample is read through its mirror image (column W - 1 - i for i,
+    a negative column stride): resizing commutes with the mirror, so the taps and weights stay the unflipped ones."""
     r0, c0, Y, X, valid = _tile(S, n_col_tiles, ROWS, BW)
     cidx = tl.arange(0, CP)
     cmask = cidx < C
@@ -293,9 +296,15 @@ def _compose_fwd_kernel(
     else:
         if (r0 < oy + s) & (r0 + ROWS > oy) & (c0 < ox + s) & (c0 + BW > ox):
             for b in tl.range(first, B, step, loop_unroll_factor=1):
+                xb = x_ptr + tl.cast(b, tl.int64) * sxb
+                sw = sxw
+                if HAS_FLIP:  # the mirror image: starts at the last column, steps back
+                    flagged = tl.load(f_ptr + b) != 0
+                    xb += tl.where(flagged, tl.cast(W - 1, tl.int64) * sxw, 0)
+                    sw = tl.where(flagged, -sxw, sxw)
                 for c in tl.static_range(C):
-                    xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
-                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sxw,
+                    xc = xb + tl.cast(sxc, tl.int64) * c
+                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sw,
                                       H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
                                       X_BICUBIC, X_AA, WIDE)
                     ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
@@ -489,8 +498,9 @@ def term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term
 
 
 def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term: torch.Tensor,
-                   out: torch.Tensor, programs_wanted: int | None = None) -> Launch:
-    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``."""
+                   out: torch.Tensor, programs_wanted: int | None = None, flip: torch.Tensor | None = None) -> Launch:
+    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``,
+    mirrored where ``flip`` ((B,) int32, no transform) is non-zero."""
     batch, channels, height, width = images.shape
     size = out.shape[-1]
     kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
@@ -505,7 +515,7 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
     dummy = _dummy(images)
     args = (
         out, images, term, dummy if mean is None else mean, dummy if std is None else std,
-        dummy if transform is None else transform,
+        dummy if transform is None else transform, dummy if flip is None else flip,
         batch, *images.stride(), *out.stride(),
         height, width, size, inner, oy, ox, height / inner, width / inner, float(fill), n_col_tiles, channels,
     )
@@ -513,21 +523,21 @@ def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, anti
         C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KH=kh, KW=kw,
         Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, UINT8=images.dtype == torch.uint8,
         HAS_MEAN=mean is not None, HAS_STD=std is not None, HAS_TRANSFORM=transform is not None,
-        WIDE=_wide(_extent(images), _extent(out), channels * size * size),
+        HAS_FLIP=flip is not None, WIDE=_wide(_extent(images), _extent(out), channels * size * size),
         num_warps=NUM_WARPS, enable_fp_fusion=transform is None,
     )
     return Launch(_compose_fwd_kernel, (tiles, batch_programs(batch, tiles, wanted)), args, constexprs)
 
 
 def compose_forward(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
-                    out_dtype, memory_format) -> torch.Tensor:
+                    out_dtype, memory_format, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Run the fused forward into a new (B, C, S, S) tensor of ``out_dtype`` and ``memory_format``."""
     channels, size, _ = prompt.shape
     term = _empty((channels, size, size), dtype=torch.float32, device=images.device)
     out = _empty((images.shape[0], channels, size, size), dtype=out_dtype, device=images.device,
                  memory_format=memory_format)
     term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term).run()
-    forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term, out).run()
+    forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term, out, flip=flip).run()
     return out
 
 
@@ -633,15 +643,17 @@ def aot_cases(capability: int) -> list[AotCase]:
     def out(dtype, memory_format=torch.contiguous_format):
         return torch.empty(batch, 3, size, size, dtype=dtype, memory_format=memory_format)
 
-    def fwd(images, transform, mode, antialias, o, inner_size=inner, offset=pad):
-        return forward_launch(images, vec, vec, transform, inner_size, offset, offset, 0.0, mode, antialias, term, o)
+    def fwd(images, transform, mode, antialias, o, inner_size=inner, offset=pad, flip=None):
+        return forward_launch(images, vec, vec, transform, inner_size, offset, offset, 0.0, mode, antialias, term, o,
+                              flip=flip)
 
     def accesses(bits: int) -> int:  # global accesses for `per_thread` contiguous elements of `bits` bits
         return per_thread * bits // 128
 
-    def plain(out_bits: int, taps: int = 4) -> dict:  # image: 3 x (gathers + term + store); frame: term + store
+    def plain(out_bits: int, taps: int = 4, flag: int = 0) -> dict:  # image: (the flip flag +) 3 x (gathers +
+        # term + store); frame: term + store
         return dict(min_store_bits=128, sass_paths={
-            "image": LoopDesign(3 * per_thread, 3 * (taps * per_thread + accesses(32) + accesses(out_bits)),
+            "image": LoopDesign(3 * per_thread, flag + 3 * (taps * per_thread + accesses(32) + accesses(out_bits)),
                                 FORWARD_IMAGE_BUDGET),
             "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
 
@@ -659,6 +671,11 @@ def aot_cases(capability: int) -> list[AotCase]:
                 **plain(16)),
         AotCase("fwd f32 32px->f32 bilinear", fwd(small_f32, None, "bilinear", False, out(torch.float32)),
                 **plain(32)),
+        AotCase("fwd u8->bf16 bilinear flip", fwd(u8, None, "bilinear", False, out(torch.bfloat16),
+                                                  flip=torch.empty(batch, dtype=torch.int32)), **plain(16, flag=1)),
+        AotCase("fwd f32->f32 bilinear flip", fwd(torch.empty(batch, 3, 224, 224), None, "bilinear", False,
+                                                  out(torch.float32), flip=torch.empty(batch, dtype=torch.int32)),
+                **plain(32, flag=1)),
         AotCase("fwd u8->bf16 bilinear transform", fwd(u8, t_rows, "bilinear", False, out(torch.bfloat16)),
                 **transformed()),
         AotCase("fwd f32->f32 bilinear transform", fwd(torch.empty(batch, 3, 224, 224), t_rows, "bilinear", False,

@@ -28,6 +28,7 @@ class Case:
     fill: float = 0.25
     prompt_space: str = "pixel"
     transform: bool = False
+    flip: bool = False  # compose's flip flags (the first sample flipped, the second not)
     out_dtype: torch.dtype | None = None
     channels_last_out: bool = False
 
@@ -37,7 +38,7 @@ class Case:
     def __str__(self) -> str:
         fields = (f"B{self.batch} {self.height}x{self.width}->{self.inner}/{self.size} {str(self.dtype)[6:]} "
                   f"{self.layout} {self.mode}{'-aa' if self.antialias else ''} {self.prompt_space}")
-        return fields + (" T" if self.transform else "")
+        return fields + (" T" if self.transform else "") + (" F" if self.flip else "")
 
 
 def random_transform(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,6 +78,10 @@ def make_inputs(case: Case, device: str = "cpu", seed: int = 0, prompt_dtype=tor
         kwargs["std"] = torch.tensor(CLIP_STD, device=device)
     if case.transform:
         kwargs["transform"] = random_transform(case.batch, case.size, g).to(device)
+    if case.flip:
+        flags = torch.randint(0, 2, (case.batch,), generator=g, dtype=torch.uint8)
+        flags[0], flags[1:2] = 1, 0
+        kwargs["flip"] = flags.to(device)
     return images.to(device), prompt.to(device), kwargs
 
 
@@ -89,7 +94,7 @@ def reference_args(images, prompt, kwargs):
     oy, ox = kwargs["offset"] or ((size - inner) // 2, (size - inner) // 2)
     return (images, prompt, kwargs.get("mask"), kwargs.get("mean"), kwargs.get("std"), kwargs.get("transform"),
             Layout(size, inner, oy, ox), kwargs["fill"], kwargs["mode"], kwargs["antialias"],
-            kwargs["prompt_space"])
+            kwargs["prompt_space"], kwargs.get("flip"))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -29,6 +29,7 @@ def _triton(monkeypatch):
     EVP.but(dtype=torch.uint8, layout="channels_last", transform=True, out_dtype=torch.bfloat16),
     EVP.but(height=97, width=131, mode="bicubic", channels_last_out=True, transform=True),
     EVP.but(batch=1, prompt_space="normalized", inner=224, mask=False),
+    EVP.but(dtype=torch.uint8, mode="bicubic", antialias=True, flip=True, out_dtype=torch.bfloat16),  # EVP's flip
 ], ids=str)
 def test_forward_matches_reference(case):
     check_forward(case, "cuda", seed=hash(str(case)) % 10_000)

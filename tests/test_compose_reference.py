@@ -78,6 +78,9 @@ def independent_forward(images, prompt, kwargs) -> np.ndarray:
     if kwargs.get("transform") is not None:  # the image flip: the resized image mirrored, before the prompt
         flips = kwargs["transform"][:, 3].numpy().astype(bool)
         r[flips] = r[flips][..., ::-1]
+    if kwargs.get("flip") is not None:  # compose's flip flags: the same mirror, without a transform
+        flips = kwargs["flip"].numpy().astype(bool)
+        r[flips] = r[flips][..., ::-1]
     canvas = np.full((batch, channels, size, size), kwargs["fill"])
     canvas[:, :, oy:oy + inner, ox:ox + inner] = r
     p = prompt.double().numpy()
@@ -113,6 +116,8 @@ FORWARD_CASES = [
     Case(transform=True, batch=4),
     Case(transform=True, batch=3, prompt_space="normalized", mode="bicubic"),
     Case(batch=1, size=12, inner=10),  # p = 1
+    Case(flip=True, batch=3, height=9, width=5, size=11, inner=7, offset=(1, 3)),
+    Case(flip=True, batch=3, mode="bicubic", antialias=True, dtype=torch.uint8, prompt_space="normalized"),
 ]
 
 
@@ -178,7 +183,8 @@ def test_gradcheck_float64(case):
 
 
 @pytest.mark.parametrize("case", [Case(), Case(transform=True, batch=3, dtype=torch.uint8, mask=False),
-                                  Case(normalize=False, out_dtype=torch.bfloat16, channels_last_out=True)], ids=str)
+                                  Case(normalize=False, out_dtype=torch.bfloat16, channels_last_out=True),
+                                  Case(flip=True, batch=3, dtype=torch.uint8)], ids=str)
 def test_opcheck(case, monkeypatch):
     images, prompt, kwargs = make_inputs(case, seed=11)
     prompt.requires_grad_(True)
@@ -203,8 +209,8 @@ def test_grad_norm_rules_on_the_op(grad_norm):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_compile_fullgraph_cpu(dynamic):
-    case = Case(transform=True, batch=3)
+@pytest.mark.parametrize("case", [Case(transform=True, batch=3), Case(flip=True, batch=3)], ids=str)
+def test_compile_fullgraph_cpu(case, dynamic):
     images, prompt, kwargs = make_inputs(case, seed=17)
     prompt.requires_grad_(True)
 
@@ -237,6 +243,33 @@ def test_flip_mirrors_the_image_not_the_prompt(case):
     got = vpfast.ops.compose(images, prompt, transform=rows, **kwargs)
     assert rel_err(got, vpfast.ops.compose(mirrored, prompt, **kwargs)) < 1e-6
     assert rel_err(got[0], vpfast.ops.compose(images, prompt, **kwargs)[0].flip(-1)) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32])
+@pytest.mark.parametrize("case", [Case(batch=3, height=9, width=5, size=11, inner=7, offset=(1, 3)),
+                                  Case(batch=3, mode="bicubic", antialias=True, dtype=torch.uint8,
+                                       prompt_space="normalized")], ids=str)
+def test_flip_flags_mirror_the_image_not_the_prompt(case, dtype):
+    """compose's flip flags equal composing the mirrored images unflipped, and the transform's flip column."""
+    images, prompt, kwargs = make_inputs(case, seed=31)
+    flip = torch.tensor([1, 0, 1], dtype=dtype)
+    mirrored = torch.where(flip.bool().view(-1, 1, 1, 1), images.flip(-1), images)
+    rows = torch.tensor([[case.size, 0, 0, int(f)] for f in flip], dtype=torch.int32)
+    got = vpfast.ops.compose(images, prompt, flip=flip, **kwargs)
+    assert rel_err(got, vpfast.ops.compose(mirrored, prompt, **kwargs)) < 1e-6
+    assert rel_err(got, vpfast.ops.compose(images, prompt, transform=rows, **kwargs)) == 0.0
+    assert rel_err(got[0], vpfast.ops.compose(images, prompt, **kwargs)[0]) > 1e-2
+
+
+def test_flip_flags_leave_the_prompt_gradient_unchanged():
+    images, prompt, kwargs = make_inputs(Case(batch=3), seed=37)
+    prompt.requires_grad_(True)
+    y = vpfast.ops.compose(images, prompt, flip=torch.tensor([True, False, True]), grad_norm="sample_l2", **kwargs)
+    grad_out = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, prompt, grad_out)
+    expected = compose_backward_reference(grad_out, kwargs["mask"], kwargs["std"], None, "pixel", "prompt",
+                                          "sample_l2")
+    assert rel_err(grad, expected) == 0.0
 
 
 def test_uint8_equals_float_input():
@@ -281,6 +314,11 @@ BAD_CALLS = [
     (dict(transform=torch.tensor([[16, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)), r"transform row 1"),
     (dict(transform=torch.tensor([[16, 0, 0, 2], [16, 0, 0, 0]], dtype=torch.int32)), r"transform row 0"),
     (dict(transform=torch.zeros(2, 4)), r"transform must be int32 or int64, got torch.float32"),
+    (dict(flip=torch.ones(3, dtype=torch.bool)), r"flip must be a tensor of shape \(2,\) .*got \(3,\)"),
+    (dict(flip=torch.ones(2)), r"flip must have a dtype in .*got torch.float32"),
+    (dict(flip=torch.ones(2, dtype=torch.bool).to("meta")), r"flip is on meta but images are on cpu"),
+    (dict(flip=torch.ones(2, dtype=torch.bool), transform=torch.tensor([[16, 0, 0, 0]] * 2, dtype=torch.int32)),
+     r"flip and transform cannot both be given"),
     (dict(prompt=lambda a: a["prompt"].to("meta")), r"prompt is on meta but images are on cpu"),
     (dict(inner_size=True), r"inner_size must be an int, got True \(bool\)"),
     (dict(inner_size=10.0), r"inner_size must be an int, got 10.0 \(float\)"),

@@ -32,6 +32,11 @@ FORWARD_MORE = [
     Case(height=10, width=10),  # no resize
     Case(batch=1, height=97, width=131, size=24, inner=20, dtype=torch.uint8, antialias=True),
     Case(prompt_space="normalized", normalize=False),
+    # compose's flip flags on the plain row-wise path: odd sizes, off-center, uint8 and float, bicubic + antialias
+    Case(flip=True, batch=3, height=9, width=5, size=11, inner=7, offset=(1, 3)),
+    Case(flip=True, batch=3, dtype=torch.uint8, layout="channels_last", mode="bicubic", antialias=True),
+    Case(flip=True, batch=2, height=6, width=7, antialias=True, layout="crop", out_dtype=torch.bfloat16),
+    Case(flip=True, batch=2, height=10, width=10, offset=(0, 6), channels_last_out=True),  # no resize
 ]
 
 
@@ -79,6 +84,7 @@ def test_batch_loop_with_several_programs_per_tile(monkeypatch):
     case = Case(batch=5, size=8, inner=6, height=7, width=5)
     check_forward(case, "cpu", seed=3)
     check_forward(case.but(transform=True, dtype=torch.uint8, out_dtype=torch.bfloat16), "cpu", seed=4)
+    check_forward(case.but(flip=True), "cpu", seed=7)  # each sample's own flag
     check_backward(case, "cpu", 5, "prompt", "sample_l2")
     check_backward(case.but(transform=True), "cpu", 6, "canvas", None, torch.bfloat16, "channels_last")
 
@@ -122,7 +128,7 @@ def test_launch_plan_covers_any_batch_within_grid_limits(batch):
                                     programs_wanted=10**9)
     tiles, programs = launch.grid
     assert programs == min(batch, kernels.MAX_GRID_Y)
-    assert launch.args[6] == batch  # B: program p runs samples p, p + programs, ... < B
+    assert launch.args[7] == batch  # B: program p runs samples p, p + programs, ... < B
     chunks = kernels.backward_chunks(batch, 224, programs_wanted=10**9)
     per_chunk = triton.cdiv(batch, chunks)
     assert chunks <= kernels.MAX_GRID_Y and chunks * per_chunk >= batch and (chunks - 1) * per_chunk < batch

@@ -60,8 +60,8 @@ def test_schemas_come_from_the_typed_options():
 
     assert COMPOSE.schema() == (
         "compose(Tensor images, Tensor prompt, Tensor? mask, Tensor? mean, Tensor? std, Tensor? transform, "
-        "SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, str prompt_space, "
-        "str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor")
+        "Tensor? flip, SymInt inner_size, SymInt oy, SymInt ox, float fill, str mode, bool antialias, "
+        "str prompt_space, str grad_region, str grad_norm, ScalarType out_dtype, bool channels_last) -> Tensor")
     assert COMPOSE_BACKWARD.schema() == (
         "compose_backward(Tensor grad_out, Tensor? mask, Tensor? std, Tensor? transform, str prompt_space, "
         "str grad_region, str grad_norm, ScalarType prompt_dtype) -> Tensor")
@@ -87,13 +87,24 @@ def test_the_direct_eager_path_and_the_dispatcher_agree():
     prompt.requires_grad_(True)
     options = ComposeOptions(6, 1, 1, 0.5, "bilinear", False, "pixel", "prompt", "sample_l2", torch.float32, True)
     mask = (torch.rand(8, 8) > 0.5).float()
-    tensors = (images, prompt, mask, None, torch.rand(3) + 0.5, None)
+    tensors = (images, prompt, mask, None, torch.rand(3) + 0.5, None, None)
     direct = compose_op(tensors, options)
     dispatched = torch.ops.vpfast.compose(*tensors, *options)
     assert type(direct.grad_fn).__name__ == type(dispatched.grad_fn).__name__ == "vpfast_composeBackward"
     assert torch.equal(direct, dispatched) and direct.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(direct)
     assert torch.equal(torch.autograd.grad(direct, prompt, grad)[0], torch.autograd.grad(dispatched, prompt, grad)[0])
+
+
+def test_the_op_refuses_flip_with_transform():
+    from vpfast.ops.compose import ComposeOptions
+
+    images, prompt = _compose_inputs()
+    options = ComposeOptions(6, 1, 1, 0.5, "bilinear", False, "pixel", "prompt", "none", torch.float32, False)
+    rows = torch.tensor([[8, 0, 0, 0]] * images.shape[0], dtype=torch.int32)
+    flags = torch.zeros(images.shape[0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="flip and transform cannot both be given"):
+        torch.ops.vpfast.compose(images, prompt, None, None, None, rows, flags, *options)
 
 
 # --------------------------------------------------------------------------- the private-API shim

@@ -211,6 +211,34 @@ def test_diversity_forward_matches_reference_and_eval_draws_nothing():
                                   mode="bicubic", antialias=True)) < 1e-5
 
 
+def test_evp_flip_runs_as_compose_flip_flags_with_the_same_draws(monkeypatch):
+    """EVP's default flip (Diversity(p=0, flip=True)) reaches compose as flip flags, not transform rows: the
+    plain row-wise path; the draws (and so the output) are those of the transform rows (S, 0, 0, flip)."""
+    import vpfast.prompters as prompters_module
+
+    prompter = EVPrompter(image_size=S, pad=PAD, seed=5)
+    _randomize(prompter)
+    images = _images("uint8")
+    rows = _twin_rows(prompter, B)
+    assert set(rows[:, 3].tolist()) == {0, 1}
+    calls = []
+    compose = prompters_module.compose
+    monkeypatch.setattr(prompters_module, "compose", lambda *a, **k: calls.append(k) or compose(*a, **k))
+    out = prompter(images)
+    assert calls[0]["transform"] is None and torch.equal(calls[0]["flip"], rows[:, 3])
+    expected = _expected(images, prompter.prompt, _frame(S, PAD), inner=S - 2 * PAD, space="pixel", transform=rows,
+                         mode="bicubic", antialias=True)
+    assert rel_err(out, expected) < 1e-5
+    assert torch.equal(prompter.generator.get_state(), _advanced(rows, seed=5))
+
+
+def _advanced(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    """The generator state after one EVP_FLIP draw of len(rows) rows from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    Diversity(p=0.0, flip=True).draw(len(rows), S, g)
+    return g.get_state()
+
+
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 def test_state_dict_restores_the_generator(fmt):
     def make(seed):

@@ -69,6 +69,7 @@ class Diversity:
     S x S canvas (the rest normalized fill); the others keep (S, 0, 0). With ``flip`` every sample's
     image, transformed or not, is also mirrored horizontally with probability 0.5, before the prompt is
     added (the prompt is never mirrored): ``Diversity(p=0, flip=True)`` is EVP's released random flip.
+    With p == 0 the prompters pass the flips as compose's ``flip`` flags (no transform path; same draws).
     Applied in training mode only (docs/ops.md, compose; docs/methods.md, EVP).
     """
 
@@ -191,15 +192,19 @@ class _Prompter(nn.Module):
         """Prompted, normalized (B, 3, S, S) batch from (B, 3, H, W) uint8 (0..255) or float (0..1) images."""
         prompt, mask = self._prompt_and_mask()
         check_channels(images, prompt.shape[0])
-        transform = None
+        transform = flip = None
         if self.training and self.diversity is not None:
             rows = self.diversity.draw(images.shape[0], self.image_size, self.generator)
             check_transform(rows, images.shape[0], self.image_size)
-            transform = rows.to(images.device, non_blocking=True)
+            if self.diversity.p > 0:
+                transform = rows.to(images.device, non_blocking=True)
+            elif self.diversity.flip:  # rows (S, 0, 0, flip): compose's flip flags, off the transform path
+                flip = rows[:, 3].to(images.device, non_blocking=True)
         return compose(
             images, prompt, inner_size=self.inner_size, mask=mask, fill=FILL, mode=self.mode,
             antialias=self.antialias, mean=self.mean, std=self.std, prompt_space=self.prompt_space,
-            transform=transform, grad_region=self.grad_region, grad_norm=self.grad_norm, out_dtype=self.out_dtype,
+            transform=transform, flip=flip, grad_region=self.grad_region, grad_norm=self.grad_norm,
+            out_dtype=self.out_dtype,
         )
 
     @torch.no_grad()

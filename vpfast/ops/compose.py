@@ -24,6 +24,9 @@ GRAD_REGIONS = ("prompt", "canvas")
 GRAD_NORMS = (None, "sample_l2", "sample_l1")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLIP_DTYPES = (torch.bool, torch.uint8, torch.int32)
+FLIP_WITH_TRANSFORM = "flip and transform cannot both be given: with a transform, flip with its 4th column " \
+    "(size, ty, tx, flip)"
 GRAD_NORM_EPS = 1e-12
 # Membership tests on the hot path: a set of dtypes compares by hash, a tuple by dtype.__eq__ (slower per item).
 _IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)
@@ -121,6 +124,7 @@ def compose(
     std: Sequence[float] | torch.Tensor | None = None,
     prompt_space: str = "pixel",
     transform: torch.Tensor | None = None,
+    flip: torch.Tensor | None = None,
     grad_region: str = "prompt",
     grad_norm: str | None = None,
     out_dtype: torch.dtype | None = None,
@@ -135,12 +139,14 @@ def compose(
     pixel or normalized space), the canvas is normalized by ``mean``/``std`` and,
     if ``transform`` rows (size, ty, tx, flip) are given, each sample's resized
     image is first mirrored horizontally if flip (the image only, not the prompt)
-    and its canvas is resized and placed on a fresh canvas. Gradients reach only the prompt, shaped
-    by ``grad_region`` and ``grad_norm``. Returns (B, C, S, S) in ``out_dtype``
-    (default: the prompt's dtype) and ``memory_format``.
+    and its canvas is resized and placed on a fresh canvas. ``flip`` ((B,) bool, uint8 or int32;
+    non-zero: mirror) flips each flagged sample's resized image the same way without the transform
+    path (the cheap way to flip; ``flip`` with ``transform`` is an error: use the transform's flip
+    column). Gradients reach only the prompt, shaped by ``grad_region`` and ``grad_norm``.
+    Returns (B, C, S, S) in ``out_dtype`` (default: the prompt's dtype) and ``memory_format``.
 
     compose never synchronizes with the device: values given on the CPU (std,
-    transform rows) are checked, values already on the device are not.
+    transform rows) are checked, values already on the device are not (nor are ``flip``'s).
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-d tensor (B, C, H, W), got "
@@ -177,7 +183,23 @@ def compose(
         if _host_values(transform):
             check_transform(transform, batch, size)
         transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
-    return compose_op((images, prompt, mask, mean_t, std_t, transform), options)
+    if flip is not None:
+        flip = flip_flags(flip, batch, device, transform is not None)
+    return compose_op((images, prompt, mask, mean_t, std_t, transform, flip), options)
+
+
+def flip_flags(flip: torch.Tensor, batch: int, device: torch.device, with_transform: bool) -> torch.Tensor:
+    """``flip`` checked (shape, dtype, device; not its values) as a contiguous (B,) int32 tensor on ``device``."""
+    if with_transform:
+        raise ValueError(FLIP_WITH_TRANSFORM)
+    if not isinstance(flip, torch.Tensor) or flip.shape != (batch,):
+        raise ValueError(f"flip must be a tensor of shape ({batch},) (one flag per sample), got "
+                         f"{tuple(flip.shape) if isinstance(flip, torch.Tensor) else type(flip).__name__}")
+    if flip.dtype not in FLIP_DTYPES:
+        raise ValueError(f"flip must have a dtype in {FLIP_DTYPES}, got {flip.dtype}")
+    if flip.device != device and not flip.is_cpu:
+        raise ValueError(f"flip is on {flip.device} but images are on {device}")
+    return flip.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
 
 
 # compose_options per distinct arguments (at most _OPTIONS_CACHE_SIZE, then it starts afresh): checking them costs more
@@ -264,10 +286,12 @@ def compose_reference(
     mode: str = "bilinear",
     antialias: bool = False,
     prompt_space: str = "pixel",
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The forward specification (docs/ops.md, compose, steps 1-5), differentiable in every input.
 
-    Computes in float64 when the prompt is float64, else in float32; the caller casts.
+    Computes in float64 when the prompt is float64, else in float32; the caller casts. ``flip`` (B,) flags
+    (non-zero: mirror the resized image) is the transform's flip column without the transform.
     """
     dtype = torch.float64 if prompt.dtype == torch.float64 else torch.float32
     x = images.to(dtype)
@@ -277,9 +301,9 @@ def compose_reference(
     size, s = layout.size, layout.inner
     if (height, width) != (s, s):
         x = F.interpolate(x, size=(s, s), mode=mode, align_corners=False, antialias=antialias)
-    if transform is not None:  # the image flip: the resized image is mirrored before the prompt is added
-        flip = transform[:, 3].to(device=x.device, dtype=torch.bool).view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
+    flags = transform[:, 3] if transform is not None else flip
+    if flags is not None:  # the image flip: the resized image is mirrored before the prompt is added
+        x = torch.where(flags.to(device=x.device, dtype=torch.bool).view(-1, 1, 1, 1), x.flip(-1), x)
     canvas = torch.full((batch, channels, size, size), fill, dtype=dtype, device=x.device)
     canvas[:, :, layout.oy:layout.oy + s, layout.ox:layout.ox + s] = x
     visible = prompt.to(dtype) if mask is None else prompt.to(dtype) * mask.to(dtype)
@@ -381,14 +405,15 @@ class ComposeGradOptions(NamedTuple):
     prompt_dtype: torch.dtype
 
 
-COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?", "transform?"), ComposeOptions)
+COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?", "transform?", "flip?"),
+                         ComposeOptions)
 COMPOSE_BACKWARD = _library.OpDef("compose_backward", ("grad_out", "mask?", "std?", "transform?"), ComposeGradOptions)
 
 
-def _reference_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
+def _reference_forward(images, prompt, mask, mean, std, transform, flip, o: ComposeOptions) -> torch.Tensor:
     layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
-                          o.prompt_space)
+                          o.prompt_space, flip)
     if y.dtype == o.out_dtype and not o.channels_last and y.is_contiguous():
         return y  # .to would be a no-op, at a cost per call
     return y.to(dtype=o.out_dtype, memory_format=torch.channels_last if o.channels_last else torch.contiguous_format)
@@ -399,12 +424,12 @@ def _reference_backward(grad_out, mask, std, transform, o: ComposeGradOptions) -
                                       o.prompt_dtype)
 
 
-def _triton_forward(images, prompt, mask, mean, std, transform, o: ComposeOptions) -> torch.Tensor:
+def _triton_forward(images, prompt, mask, mean, std, transform, flip, o: ComposeOptions) -> torch.Tensor:
     from vpfast.kernels import compose as kernels
 
     return kernels.compose_forward(
         images, prompt, mask, mean, std, transform, o.inner_size, o.oy, o.ox, o.fill, o.mode, o.antialias,
-        o.prompt_space, o.out_dtype, torch.channels_last if o.channels_last else torch.contiguous_format,
+        o.prompt_space, o.out_dtype, torch.channels_last if o.channels_last else torch.contiguous_format, flip=flip,
     )
 
 
@@ -423,12 +448,14 @@ _dispatch.register("compose", (
 ))
 
 
-def _select(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> _dispatch.Backend:
+def _select(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> _dispatch.Backend:
+    if flip is not None and transform is not None:  # the op called directly (compose() says so earlier)
+        raise ValueError(FLIP_WITH_TRANSFORM)
     return _dispatch.select("compose", images.device, prompt.dtype,
-                            (images, prompt, mask, mean, std, transform), options)
+                            (images, prompt, mask, mean, std, transform, flip), options)
 
 
-def _compose_fake(images, prompt, mask, mean, std, transform, options: ComposeOptions) -> torch.Tensor:
+def _compose_fake(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> torch.Tensor:
     size = prompt.shape[-1]
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     return torch.empty((images.shape[0], images.shape[1], size, size), dtype=options.out_dtype, device=images.device,
@@ -445,7 +472,7 @@ def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradO
 
 
 def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None:
-    _, prompt, mask, _, std, transform = tensors
+    _, prompt, mask, _, std, transform, _ = tensors  # the flip mirrors the image only: the gradient does not see it
     ctx.save_for_backward(mask, std, transform)
     ctx.grad_options = ComposeGradOptions(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
 
