@@ -108,3 +108,30 @@ def test_cast_frozen_skips_float32_modules_and_integer_buffers():
 def test_bad_precision_or_compile_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FrozenClassifier(nn.Linear(2, 2), input_size=(2, 2), mean=(0.5,), std=(0.5,), num_classes=2, **kwargs)
+
+
+def test_cnns_run_channels_last_and_vits_do_not():
+    """CNNs store weights and take input channels-last (oneDNN and cuDNN's fast convolutions), with the same
+    logits up to rounding; a ViT (one convolution, its patch embedding) keeps its layout; the flag is checked."""
+    import timm
+
+    from vpfast.backbones.frozen import FrozenClassifier, is_convolutional
+
+    torch.manual_seed(0)
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=7).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                            num_classes=7)
+    assert is_convolutional(cnn) and not is_convolutional(vit)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = cnn(x)
+    frozen = FrozenClassifier(cnn, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=7)
+    assert frozen.channels_last
+    assert cnn.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), expected, rtol=1e-4, atol=1e-5)
+    assert not FrozenClassifier(vit, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                num_classes=7).channels_last
+    with pytest.raises(ValueError, match="channels_last must be True, False or None"):
+        FrozenClassifier(vit, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=7,
+                         channels_last="yes")
