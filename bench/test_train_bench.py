@@ -108,10 +108,10 @@ def _batches(dataset: data.TensorImages):
 
 def eager_modules(method: str, dataset: data.TensorImages, tmp_path):
     """PGN/ProVP in clean eager: vpfast's modules, float32 weights under bf16 autocast, no compile or graph."""
-    cfg = _config(method, tmp_path, precision="fp32", compile="off", cuda_graph="off",
-                  amp="bf16" if on_gpu() else None).resolved()
+    cfg = _config(method, tmp_path, precision="fp32", compile="off", cuda_graph="off").resolved()
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg, CLASSES, torch.device(DEVICE))
+    backbone.autocast_dtype = torch.bfloat16 if on_gpu() else None  # float32 weights under bf16 autocast
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, None, build_tokens(cfg, backbone),
                                build_adapter(cfg, backbone)).to(DEVICE)
     optimizer, _ = build_optimizer(cfg, model, cfg.epochs)

@@ -88,6 +88,36 @@ def test_unparsable_values_name_the_flag(capsys):
     assert "argument --lr: invalid float value: 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [["--amp", "bf16"], ["--amp"], ["--precision", "bf16", "--amp=bf16"]])
+def test_the_removed_amp_flag_names_precision(args, capsys, no_work, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    assert "error: --amp: amp was removed: use --precision bf16 instead of --amp bf16" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_saved_with_amp_names_precision(tmp_path, capsys, no_work):
+    """A run from before --amp was removed: --resume and eval refuse its config with the same message."""
+    import json
+
+    import torch
+
+    from vpfast.train import checkpoint
+
+    class OldConfig:
+        def save(self, path) -> None:
+            Path(path).write_text(json.dumps({**dataclasses.asdict(TrainConfig()), "amp": "bf16"}))
+
+    checkpoint.save(tmp_path / "run" / "last", {"prompter.prompt": torch.zeros(3, 4, 4)}, OldConfig(),
+                    {"state": {"epoch": 0}})
+    for argv in (["train", "--resume", "--out", str(tmp_path / "run")], ["eval", str(tmp_path / "run" / "last")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"^vpfast: error: .*config.json: 'amp' is 'bf16', but amp was removed: use --precision bf16",
+                         err), err
+
+
 def test_out_naming_a_file_is_an_error_up_front(tmp_path, capsys, no_work):
     (tmp_path / "file").write_text("")
     assert cli.main(["train", "--out", str(tmp_path / "file")]) == 2

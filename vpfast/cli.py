@@ -89,15 +89,29 @@ def flag_table() -> str:
     return "\n".join(lines)
 
 
+class _Removed(argparse.Action):
+    """A flag that no longer exists: using it is an error that names its replacement (not "unrecognized")."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from vpfast.train.config import REMOVED_FIELDS
+
+        parser.error(f"{option_string}: {REMOVED_FIELDS[self.dest]}")
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per TrainConfig field, in the schema's groups, described from the schema.
+    """One ``--option`` per TrainConfig field, in the schema's groups, described from the schema; removed
+    fields (``REMOVED_FIELDS``) stay as hidden flags whose use is an error naming the replacement.
 
     Defaults are suppressed: the parsed namespace holds only the flags the user typed (``explicit_flags``),
     and the config's own defaults fill in the rest.
     """
     import dataclasses
 
-    from vpfast.train.config import GROUPS, TrainConfig, kind_of
+    from vpfast.train.config import GROUPS, REMOVED_FIELDS, TrainConfig, kind_of
+
+    for name in REMOVED_FIELDS:
+        parser.add_argument(_flag(name), dest=name, nargs="?", action=_Removed, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
 
     groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

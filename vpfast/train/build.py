@@ -110,16 +110,15 @@ def _pretrained_flag(value: str | None) -> bool | str:
 def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device) -> backbones.FrozenClassifier:
     """The frozen model named by ``cfg.model`` (CLIP gets a zero-shot head over ``classnames``)."""
     family, name = cfg.model.split(":", 1)
-    autocast = torch.bfloat16 if cfg.amp == "bf16" else None
     speed = dict(precision=fast.precision(cfg, device),
                  compile=fast.compile_backbone(cfg, device, whole_backbone=methods.get(cfg.method).kind == "pixel"))
     if family == "open_clip":
         return backbones.from_open_clip(name, _pretrained_flag(cfg.pretrained) or None, classnames=classnames,
                                         templates=tuple(cfg.templates), model_cfg=cfg.model_cfg, device=device,
-                                        autocast_dtype=autocast, **speed)
+                                        **speed)
     if family == "timm":
-        return backbones.from_timm(name, _pretrained_flag(cfg.pretrained), autocast_dtype=autocast, **speed)
-    return backbones.from_torchvision(name, cfg.pretrained, autocast_dtype=autocast, **speed)
+        return backbones.from_timm(name, _pretrained_flag(cfg.pretrained), **speed)
+    return backbones.from_torchvision(name, cfg.pretrained, **speed)
 
 
 def build_prompter(cfg: TrainConfig, backbone: backbones.FrozenClassifier) -> nn.Module:

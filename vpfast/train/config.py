@@ -39,6 +39,10 @@ GROUPS = ("data", "model", "method", "optimization", "run")
 # The packaged datasets (vpfast.train.data.PACKAGED; repeated here so the schema needs no data code).
 PACKAGED_DATA = ("mnist", "digits", "fashion-mnist")
 RANDOM_WEIGHTS = ("none", "false", "")  # --pretrained values meaning random weights (so is None)
+# Fields that no longer exist -> what replaces them. A run file or command line that still sets one is refused
+# with this text rather than ignored. ``amp`` (bf16 autocast over float32 weights) duplicated ``precision``.
+REMOVED_FIELDS = {"amp": "amp was removed: use --precision bf16 instead of --amp bf16 (the frozen weights are cast "
+                         "to bfloat16 once, logits stay float32), or --precision fp32"}
 
 # What model_cfg may override in an open_clip config: numbers and flags only, so a run file cannot pass
 # loader arguments (weights_only, pretrained paths, hub names) into open_clip.create_model.
@@ -100,8 +104,6 @@ class TrainConfig:
                                   default_text="the named config")
     templates: list[str] = _opt(["this is a photo of a {}"], "model",
                                 "CLIP zero-shot text templates, each with {} for the class name")
-    amp: str | None = _opt(None, "model", "bf16: run the backbone under bfloat16 autocast", choices=(None, "bf16"),
-                           default_text="float32")
     precision: str = _opt("auto", "model", "frozen backbone precision: bf16 casts its weights once and composes bf16 "
                           "canvases; auto is bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
     compile: str = _opt("auto", "model", "torch.compile the frozen backbone (EVP, pad and patch); auto: on with CUDA",
@@ -218,6 +220,7 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a JSON object of settings, got {type(values).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = removed_fields(values, source)
         for key in values:
             if key not in fields:
                 raise ValueError(f"{source}: unknown key {key!r}{_did_you_mean(key, fields)}; known keys: "
@@ -232,6 +235,16 @@ class TrainConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
         return dataclasses.replace(cls.from_dict(values, str(path)), download=False)
+
+
+def removed_fields(values: dict, source: str) -> dict:
+    """``values`` without removed fields left at None (every run file written before a removal holds them so,
+    asking for nothing); ValueError naming the field and its replacement if one is set."""
+    for key, replacement in REMOVED_FIELDS.items():
+        if values.get(key) is not None:
+            raise ValueError(f"{source}: {key!r} is {values[key]!r}, but {replacement}. This run file was written "
+                             f"by an older vpfast: start a new run with --precision (it cannot be resumed)")
+    return {key: value for key, value in values.items() if key not in REMOVED_FIELDS}
 
 
 def kind_of(f: dataclasses.Field) -> tuple[type, bool]:
