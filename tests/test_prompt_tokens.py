@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpfast.backbones import FrozenClassifier, from_open_clip
-from vpfast.prompt_tokens import PromptedViT
+from vpfast.prompt_tokens import PromptedViT, token_width
 
 pytestmark = pytest.mark.cpu
 
@@ -177,12 +177,45 @@ def test_open_clip_batch_first_false():
     torch.testing.assert_close(out, reference_open_clip(nld, images, prompts), atol=1e-5, rtol=1e-5)
 
 
-def test_hooks_are_removed_when_the_model_fails():
+def test_the_model_is_unchanged_after_a_failed_call_and_after_remove_hooks():
     vit = torchvision_vit()
+    images = torch.randn(BATCH, 3, 32, 32)
     wrapper = PromptedViT(vit)
+    frozen = vit(images)
     with pytest.raises(Exception, match="Wrong image height"):
         wrapper(torch.randn(BATCH, 3, 40, 40), torch.randn(NUM_PROMPTS, 48))
+    assert wrapper._prompts is None and torch.equal(vit(images), frozen)
+    wrapper.remove_hooks()
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in vit.modules())
+    with pytest.raises(RuntimeError, match=r"hooks were removed \(remove_hooks\)"):
+        wrapper(images, torch.randn(NUM_PROMPTS, 48))
+
+
+def test_token_width_reads_the_vit_without_hooking_it():
+    vit = timm_vit()
+    assert token_width(vit) == 48 and token_width(FrozenClassifier(
+        vit, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)) == 48
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in vit.modules())
+    with pytest.raises(TypeError, match="PromptedViT supports"):
+        token_width(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["open_clip", "timm", "torchvision"])
+def test_compiled_prompted_forward_is_one_graph_and_matches_eager(family):
+    """fullgraph=True: no graph break; aot_eager runs the traced graph, so values and prompt gradients match the
+    eager forward (to float32 rounding of a re-ordered graph); batch sizes change without breaking."""
+    vit = {"open_clip": clip_visual, "timm": timm_vit, "torchvision": torchvision_vit}[family]()
+    wrapper = PromptedViT(vit)
+    compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")
+    for batch in (2, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        prompts = torch.randn(batch, NUM_PROMPTS, wrapper.dim, requires_grad=True)
+        got, want = compiled(images, prompts), wrapper(images, prompts)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(want, vit(images))  # the prompts did enter
+        (got_grad,), (want_grad,) = (torch.autograd.grad(out.square().sum(), prompts) for out in (got, want))
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(images), vit(images), atol=1e-5, rtol=1e-5)
 
 
 def test_geometry():

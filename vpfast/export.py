@@ -18,7 +18,6 @@ from torch import nn
 from vpfast import methods
 from vpfast.inversion import InvertedPrompts, PatchInverse, paste_patches, patch_inverse
 from vpfast.pgn import PGN
-from vpfast.prompt_tokens import PromptedViT
 
 FORMAT = "vpfast-pixel-pgn-2"
 
@@ -53,7 +52,7 @@ def export_pixel_prompts(run: str | Path, out: str | Path | None = None) -> Path
     cfg.device = "cpu"
     model, _, _ = build_run(cfg, torch.device("cpu"))
     model.load_trainable_state(checkpoint.load_tensors(directory))
-    vit = PromptedViT(model.backbone)
+    vit = model.vit
     inverse = patch_inverse(vit, cfg.num_prompts)
     tensors = {f"generator.{k}": v.contiguous() for k, v in model.tokens.state_dict().items()}
     tensors.update({"inverse.matrix": inverse.matrix, "inverse.offset": inverse.offset,

@@ -103,10 +103,10 @@ def _build_patch(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
 
 def _build_pgn(cfg: TrainConfig, backbone: FrozenClassifier) -> nn.Module:
     from vpfast.pgn import PGN
-    from vpfast.prompt_tokens import PromptedViT
+    from vpfast.prompt_tokens import token_width
 
     try:
-        dim = PromptedViT(backbone).dim
+        dim = token_width(backbone)
     except TypeError as exc:
         raise ValueError(f"--method pgn needs a ViT backbone, and {cfg.model} is not one: {exc}") from exc
     return PGN(cfg.num_prompts, cfg.library_size, dim, input_size=cfg.image_size or backbone.input_size[0])

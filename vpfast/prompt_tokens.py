@@ -12,10 +12,17 @@ before pooling (docs/methods.md, PGN; docs/backbones.md):
 - torchvision ``VisionTransformer``: after the ``encoder.pos_embedding`` addition, before ``encoder.dropout``;
   removed before ``encoder.ln`` (the CLS pooling reads token 0 either way).
 
-The model's code is not touched: for the length of one call, a forward pre-hook on the insertion module
-appends the prompts and a hook on the removal module strips them; both are removed when the call returns,
-so the model called on its own behaves as before. With no prompts (None, or M = 0) the wrapper calls the
-model unchanged, so its output equals the frozen forward exactly.
+The model's code is not touched: a forward pre-hook on the insertion module appends the prompts and a hook
+on the removal module strips them. Both are registered once, by the constructor, and act only during a
+prompted call of this wrapper (they read the call's prompts from it, and pass everything through otherwise), so
+the model called on its own behaves as before; ``remove_hooks()`` takes them off. Registering hooks per call
+would stop ``torch.compile`` (``fullgraph=True`` fails on the hook handle's class counter) and make a compiled
+backbone recompile on every call; hooks that stay put are traced into the graph. With no prompts (None, or
+M = 0) the wrapper calls the model unchanged, so its output equals the frozen forward exactly.
+
+Compiling: ``torch.compile(PromptedViT(model), fullgraph=True)`` traces the whole prompted forward in one graph
+(tested for the three families). A ``FrozenClassifier`` built with ``compile`` compiles its own frozen forward
+only: wrap the prompted module (or the whole model it is part of, as ``vpfast train --compile`` does) instead.
 
 Prompts come per call: (B, M, d) input-dependent prompts (PGN) or (M, d) static ones shared by the batch
 (PGN's IIP baseline, VPT-shallow), held and trained by the caller. Gradients reach the prompts; the
@@ -33,8 +40,6 @@ and is refused with an error naming the version.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +110,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return visual if isinstance(visual, nn.Module) else model.model
 
 
+def _supported_vit(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the ViT the prompts enter, its family); TypeError naming the supported classes for any other model."""
+    vit = _unwrap(model)
+    family = vit_family(vit)
+    if family is None:
+        raise TypeError(f"PromptedViT supports {_supported_names()} (bare, or inside a FrozenClassifier; "
+                        f"for a whole open_clip CLIP pass its .visual), "
+                        f"got {type(vit).__module__}.{type(vit).__qualname__}")
+    return vit, family
+
+
+def token_width(model: nn.Module) -> int:
+    """The token width d of the ViT that ``PromptedViT(model)`` would prompt, without wrapping (hooking) it."""
+    vit, family = _supported_vit(model)
+    return _token_path(family, vit).patch_conv.out_channels
+
+
 class PromptedViT(nn.Module):
     """A frozen ViT run with M prompt tokens appended after its positional embedding (PGN's placement).
 
@@ -116,15 +138,13 @@ class PromptedViT(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        vit = _unwrap(model)
-        family = vit_family(vit)
-        if family is None:
-            raise TypeError(f"PromptedViT supports {_supported_names()} (bare, or inside a FrozenClassifier; "
-                            f"for a whole open_clip CLIP pass its .visual), "
-                            f"got {type(vit).__module__}.{type(vit).__qualname__}")
+        vit, family = _supported_vit(model)
         self.model = model.requires_grad_(False).eval()
         self.family = family
         self._path = _token_path(family, vit)  # holds the ViT without registering it twice
+        self._prompts: torch.Tensor | None = None  # the prompts of the call in progress, else None
+        self._handles = self._register_hooks()  # never read in forward: torch.compile cannot trace a handle
+        self._hooked = True
 
     @property
     def vit(self) -> nn.Module:
@@ -191,22 +211,24 @@ class PromptedViT(nn.Module):
             raise ValueError(f"prompts must be floating point on the images' device {images.device}, "
                              f"got {prompts.dtype} on {prompts.device}")
 
-    @contextmanager
-    def _inserted(self, prompts: torch.Tensor) -> Iterator[None]:
-        """Hooks that append ``prompts`` for the duration of one forward, removed on exit."""
-        num_prompts = prompts.shape[-2]
+    def _register_hooks(self) -> list:
+        """The insertion and removal hooks, active only while ``self._prompts`` is set (see the module docstring)."""
 
-        def append(module: nn.Module, args: tuple) -> tuple:
+        def append(module: nn.Module, args: tuple) -> tuple | None:
+            if self._prompts is None:
+                return None
             tokens, *rest = args
-            batch_prompts = prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+            batch_prompts = self._prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
             return (torch.cat([tokens, batch_prompts], dim=1), *rest)
 
-        def strip_input(module: nn.Module, args: tuple) -> tuple:
+        def strip_input(module: nn.Module, args: tuple) -> tuple | None:
+            if self._prompts is None:
+                return None
             tokens, *rest = args
-            return (tokens[:, :-num_prompts], *rest)
+            return (tokens[:, :-self._prompts.shape[-2]], *rest)
 
-        def strip_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output[:, :-num_prompts]
+        def strip_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            return None if self._prompts is None else output[:, :-self._prompts.shape[-2]]
 
         path = self._path
         handles = [path.insert_before.register_forward_pre_hook(append)]
@@ -214,11 +236,13 @@ class PromptedViT(nn.Module):
             handles.append(path.strip_module.register_forward_hook(strip_output))
         else:
             handles.append(path.strip_module.register_forward_pre_hook(strip_input))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return handles
+
+    def remove_hooks(self) -> None:
+        """Take the hooks off the model (prompted calls fail afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._hooked = [], False
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output on ``images`` (normalized, at its input size) with ``prompts`` appended.
@@ -230,8 +254,13 @@ class PromptedViT(nn.Module):
         self.check_prompts(prompts, images)
         if prompts.shape[-2] == 0:
             return self.model(images)
-        with self._inserted(prompts):
+        if not self._hooked:
+            raise RuntimeError("this PromptedViT's hooks were removed (remove_hooks): it cannot prompt the model")
+        self._prompts = prompts
+        try:
             return self.model(images)
+        finally:
+            self._prompts = None
 
     def extra_repr(self) -> str:
         return f"family={self.family}, dim={self.dim}, patch_size={self.patch_size}, grid_size={self.grid_size}"
