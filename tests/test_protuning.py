@@ -324,3 +324,31 @@ def test_train_protuning_rejects_unsupported_backbones(tmp_path):
     with pytest.raises(ValueError, match=r"--method protuning cannot prompt torchvision:mobilenet_v3_small: "
                                          r"Pro-tuning supports ResNet-style"):
         train(_tiny(tmp_path, model="torchvision:mobilenet_v3_small"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["timm_efficientnet", "timm_vit", "torchvision_resnet"])
+def test_compiled_protuning_is_one_graph_and_matches_eager(family):
+    """fullgraph=True: the stage hooks are traced with the model (no graph break); aot_eager runs the traced
+    graph, so outputs and block gradients match eager to float32 rounding. (All seven families compile the same
+    way; three keep the test short.)"""
+    model, x = _build(family)
+    prompted = ProTuning(model, vit_stages=2).train()
+    _randomize_betas(prompted)
+    compiled = torch.compile(prompted, fullgraph=True, backend="aot_eager")
+    blocks = list(prompted.blocks.parameters())
+    got, want = compiled(x), prompted(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().mean(), blocks), torch.autograd.grad(want.square().mean(), blocks),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(x), ProTuning(_build(family)[0], vit_stages=2)(x))  # called alone: unprompted
+
+
+def test_remove_hooks_leaves_no_hook_and_installed_then_raises():
+    model, _ = _build("timm_vit")
+    prompted = ProTuning(model, vit_stages=2)
+    prompted.remove_hooks()
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+    with pytest.raises(RuntimeError, match=r"hooks were removed \(remove_hooks\)"), prompted.installed():
+        pass

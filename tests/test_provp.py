@@ -178,6 +178,10 @@ def test_remove_hooks_leaves_no_hook():
     assert any(block._forward_pre_hooks for block in vit.transformer.resblocks)
     provp.remove_hooks()
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in vit.modules())
+    with pytest.raises(RuntimeError, match=r"hooks were removed \(remove_hooks\)"):
+        provp(images())
+    with provp.disabled():
+        assert torch.equal(provp(images().zero_()), vit(torch.zeros(BATCH, 3, 32, 32)))
 
 
 # ---- the re-formation loss -----------------------------------------------------------------------------
@@ -237,3 +241,21 @@ def test_loss_arguments_are_checked():
         reformation_loss(torch.randn(3, 4), torch.randn(3, 4), 0)
     with pytest.raises(ValueError, match="ref_weight must be >= 0, got -1"):
         ProVPClassifier(ProVP(clip_visual(), num_prompts=1), ref_weight=-1)
+
+
+@pytest.mark.parametrize("family", ["open_clip", "timm"])
+def test_compiled_classifier_is_one_graph_and_matches_eager(family):
+    """fullgraph=True over the prompted forward, the frozen (prompts disabled, no_grad) forward and the
+    re-formation loss: no graph break; aot_eager runs the traced graph, so the logits, the loss kept on the module
+    and the prompt gradient match eager to float32 rounding."""
+    classifier = ProVPClassifier(ProVP(VITS[family](), num_prompts=M)).train()
+    compiled = torch.compile(classifier, fullgraph=True, backend="aot_eager")
+    x = images()
+    results = []
+    for model in (compiled, classifier):
+        logits = model(x)
+        loss = logits.square().sum() + classifier.auxiliary_loss()
+        results.append((logits, classifier.auxiliary_loss(), *torch.autograd.grad(loss, classifier.provp.prompts)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert results[1][1] > 0 and results[1][2].abs().sum() > 0

@@ -8,9 +8,11 @@ freshly wrapped model computes exactly what the frozen one does. The paper's blo
 g = 1x1 group conv (C -> C/ratio) -> GELU -> k x k depthwise conv -> GELU -> 1x1 conv (-> C).
 
 The blocks enter through forward pre-hooks on the *first block* of each stage (not the stage container, so
-timm's flattened gradient checkpointing cannot skip them). The hooks exist only while ``ProTuning`` runs the
-model (or inside ``installed()``), so the model called on its own is unchanged; they return new tensors and
-never edit saved activations (open_clip's ModifiedResNet uses in-place ReLUs). The backbone (the module holding
+timm's flattened gradient checkpointing cannot skip them). The hooks are registered once and act only while
+``ProTuning`` runs the model (or inside ``installed()``), so the model called on its own is unchanged;
+hooks that stay put are traced by ``torch.compile`` (a ``ProTuning`` compiles with ``fullgraph=True``), where
+hooks added per call are not. They return new tensors and never edit saved activations (open_clip's
+ModifiedResNet uses in-place ReLUs). The backbone (the module holding
 the stages) is frozen: no gradients, and eval mode whatever mode the wrapper is put in, so its BatchNorm
 statistics never move. Modules outside it (segmentation and detection heads, FPN) keep their own settings.
 
@@ -151,8 +153,10 @@ def make_blocks(stages: Stages, ratio: int = 4, kernel_size: int = 5, groups: in
     return nn.ModuleList(PromptBlock(c, ratio, kernel_size, groups, **factory) for c in stages.channels)
 
 
-def _cnn_hook(block: PromptBlock):
-    def hook(module: nn.Module, args: tuple) -> tuple:
+def _cnn_hook(block: PromptBlock, owner: ProTuning):
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if not owner._active:
+            return None
         if not args:
             raise TypeError(f"Pro-tuning expects the features as the first positional argument of "
                             f"{type(module).__name__}")
@@ -161,13 +165,15 @@ def _cnn_hook(block: PromptBlock):
     return hook
 
 
-def _vit_hook(block: PromptBlock, layout: _ViTLayout, grid: list):
-    def hook(module: nn.Module, args: tuple) -> tuple:
+def _vit_hook(block: PromptBlock, layout: _ViTLayout, owner: ProTuning):
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if not owner._active:
+            return None
         tokens = args[0] if layout.batch_first else args[0].transpose(0, 1)
         prefix, patches = tokens[:, :layout.num_prefix], tokens[:, layout.num_prefix:]
-        if not grid:
+        if owner._grid is None:
             raise RuntimeError("Pro-tuning saw no patch embedding in this call, so it cannot shape the token grid")
-        rows, cols = grid[0]
+        rows, cols = owner._grid
         if patches.shape[1] != rows * cols:
             raise ValueError(f"Pro-tuning expects {layout.num_prefix} prefix tokens and a {rows}x{cols} patch grid, "
                              f"got {tokens.shape[1]} tokens")
@@ -202,7 +208,10 @@ class ProTuning(nn.Module):
             except AttributeError as error:
                 raise ValueError(f"trainable names no submodule of the model: {name!r} ({error})") from error
         self.blocks = make_blocks(self._stages, ratio, kernel_size, groups)
-        self._active = False
+        self._active = False  # the hooks act only while True (inside installed())
+        self._grid: tuple[int, int] | None = None  # ViTs: the patch grid of the call in progress
+        self._handles = self._register_hooks()  # never read in forward: torch.compile cannot trace a hook handle
+        self._hooked = True
 
     @property
     def backbone(self) -> nn.Module:
@@ -217,28 +226,38 @@ class ProTuning(nn.Module):
             self.model.get_submodule(name).train(mode)
         return self
 
+    def _register_hooks(self) -> list:
+        stages, handles = self._stages, []
+        if stages.vit is not None:
+            def record_grid(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if self._active:
+                    self._grid = tuple(output.shape[-2:])
+
+            handles.append(stages.vit.patch_conv.register_forward_hook(record_grid))
+        for entry, block in zip(stages.entries, self.blocks, strict=True):
+            hook = _cnn_hook(block, self) if stages.vit is None else _vit_hook(block, stages.vit, self)
+            handles.append(entry.register_forward_pre_hook(hook))
+        return handles
+
+    def remove_hooks(self) -> None:
+        """Take the hooks off the model (the blocks no longer act; ``installed()`` raises afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._hooked = [], False
+
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Prompt the backbone's stages inside the ``with`` statement (to call parts of the model directly)."""
         if self._active:
             yield
             return
-        stages, grid, handles = self._stages, [], []
-        if stages.vit is not None:
-            def record_grid(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                grid[:] = [tuple(output.shape[-2:])]
-
-            handles.append(stages.vit.patch_conv.register_forward_hook(record_grid))
-        for entry, block in zip(stages.entries, self.blocks, strict=True):
-            hook = _cnn_hook(block) if stages.vit is None else _vit_hook(block, stages.vit, grid)
-            handles.append(entry.register_forward_pre_hook(hook))
-        self._active = True
+        if not self._hooked:
+            raise RuntimeError("this ProTuning's hooks were removed (remove_hooks): it cannot prompt the model")
+        self._active, self._grid = True, None
         try:
             yield
         finally:
-            self._active = False
-            for handle in handles:
-                handle.remove()
+            self._active, self._grid = False, None
 
     def forward(self, *args, **kwargs):
         """The model's output on these arguments, with the prompt blocks in its backbone."""

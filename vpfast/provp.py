@@ -12,11 +12,13 @@ layer (docs/methods.md, VPT and ProVP-Ref; docs/backbones.md), without modifying
 - the prompts are removed before the final norm and pooling, so CLS, average pooling and the token
   outputs read the image tokens only.
 
-Layer 0's insertion and the removal are hooks added for one call, like ``PromptedViT``. The blend hooks on
-blocks 1..L-1 stay registered while the ProVP lives (``remove_hooks()`` takes them off), because a
-checkpointed block re-runs its hooks during backward, after the forward has returned; they act only on a
-sequence that carries M prompts (the model's own token count + M), so the model called on its own, or with
-prompts disabled, is unaffected. Wrap one model in one ProVP at a time.
+All hooks are registered once and stay while the ProVP lives (``remove_hooks()`` takes them off), as in
+``PromptedViT``: hooks that stay put are traced by ``torch.compile`` (``fullgraph=True`` compiles a ProVP or a
+``ProVPClassifier`` in one graph), where hooks added per call are not. Layer 0's insertion and the removal act
+only during a prompted call of this ProVP. The blend hooks on blocks 1..L-1 act on any sequence that carries
+M prompts (the model's own token count + M), also when a checkpointed block re-runs its hooks during
+backward, after the forward has returned; so the model called on its own, or with prompts disabled, is
+unaffected. Wrap one model in one ProVP at a time.
 
 Init: U(+-sqrt(6 / (3 * p^2 + d))) with the model's real patch size p (the released ProVP code hard-codes
 p = 14 on a /16 model: +-0.0665 for d = 768 instead of +-0.0625). ``num_prompts=0`` adds no hook: the output
@@ -105,10 +107,14 @@ class ProVP(nn.Module):
         depth = len(blocks) if deep else 1
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, self.dim).uniform_(-bound, bound))
         self._prompting = True
-        self._handles = []
+        self._inserting = False  # True during a prompted call: layer 0's insertion and the removal act
+        self._handles = []  # never read in forward: torch.compile cannot trace a hook handle
+        self._handles_on = True
+        if num_prompts:
+            self._handles = self._register_insertion(pre_norm, strip_at)
         if num_prompts and deep:
-            self._handles = [block.register_forward_pre_hook(self._blend_hook(layer))
-                             for layer, block in enumerate(blocks) if layer > 0]
+            self._handles += [block.register_forward_pre_hook(self._blend_hook(layer))
+                              for layer, block in enumerate(blocks) if layer > 0]
         self.register_state_dict_post_hook(_drop_frozen_state)
         self.register_load_state_dict_pre_hook(_restore_frozen_state)
 
@@ -131,10 +137,10 @@ class ProVP(nn.Module):
         return self
 
     def remove_hooks(self) -> None:
-        """Take the blend hooks off the model's blocks (the ProVP is unusable afterwards)."""
+        """Take the hooks off the model (prompted calls raise afterwards)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._handles_on = [], False
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -167,30 +173,31 @@ class ProVP(nn.Module):
 
         return blend
 
-    @contextmanager
-    def _inserted(self) -> Iterator[None]:
-        """For one call: P_0 inserted after the pre-norm, all prompts removed before the final norm."""
+    def _register_insertion(self, pre_norm: nn.Module, strip_at: nn.Module) -> list:
+        """P_0 inserted after the pre-norm, all prompts removed before the final norm: while ``_inserting``."""
         start, count = self._start, self.num_prompts
 
-        def insert(module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
+        def insert(module: nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor | None:
+            if not self._inserting:
+                return None
             slots = self._slots(self.prompts[0], tokens, 1)
             return torch.cat([tokens[:, :start], slots, tokens[:, start:]], dim=1)
 
         def strip(tokens: torch.Tensor) -> torch.Tensor:
             return torch.cat([tokens[:, :start], tokens[:, start + count:]], dim=1)
 
-        _, pre_norm, strip_at = self._path
+        def strip_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            return strip(out) if self._inserting else None
+
+        def strip_input(module: nn.Module, args: tuple) -> tuple | None:
+            return (strip(args[0]), *args[1:]) if self._inserting else None
+
         handles = [pre_norm.register_forward_hook(insert)]
         if self.family == "open_clip":  # the transformer's output is batch-first in every open_clip >= 2.26
-            handles.append(strip_at.register_forward_hook(lambda module, args, out: strip(out)))
+            handles.append(strip_at.register_forward_hook(strip_output))
         else:
-            handles.append(strip_at.register_forward_pre_hook(lambda module, args: (strip(args[0]),
-                                                                                           *args[1:])))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+            handles.append(strip_at.register_forward_pre_hook(strip_input))
+        return handles
 
     def _autocast(self, images: torch.Tensor):
         dtype = getattr(self.model, "autocast_dtype", None)
@@ -198,13 +205,18 @@ class ProVP(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Image features of normalized ``images`` (CLIP: the projected embedding; timm: the pre-logits)."""
-        prompted = self._prompting and self.num_prompts > 0
-        with self._autocast(images), self._inserted() if prompted else nullcontext():
-            if self.family == "open_clip":
-                out = self.vit(images)
-                out = out[0] if isinstance(out, tuple) else out  # output_tokens=True: (pooled, tokens)
-            else:
-                out = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
+        if self._prompting and self.num_prompts > 0 and not self._handles_on:
+            raise RuntimeError("this ProVP's hooks were removed (remove_hooks): it cannot prompt the model")
+        self._inserting = self._prompting and self.num_prompts > 0
+        try:
+            with self._autocast(images):
+                if self.family == "open_clip":
+                    out = self.vit(images)
+                    out = out[0] if isinstance(out, tuple) else out  # output_tokens=True: (pooled, tokens)
+                else:
+                    out = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
+        finally:
+            self._inserting = False
         return out if getattr(self.model, "autocast_dtype", None) is None else out.float()
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
