@@ -135,3 +135,48 @@ def test_cnns_run_channels_last_and_vits_do_not():
     with pytest.raises(ValueError, match="channels_last must be True, False or None"):
         FrozenClassifier(vit, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=7,
                          channels_last="yes")
+
+
+def _tiny_vit_classifier(compile: bool | str) -> FrozenClassifier:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10)
+    return FrozenClassifier(vit, input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10,
+                            compile=compile)
+
+
+@pytest.mark.parametrize("wrapper", ["PromptedViT", "ProVP", "ProTuning"])
+def test_prompting_wrappers_keep_the_backbones_compile(wrapper):
+    """A backbone built with ``compile`` stays compiled under each prompting wrapper: the prompts' hooks are traced
+    into its graph (one graph per input signature, not one per call) and the outputs and trained gradients equal
+    the eager wrapper's (aot_eager runs the traced graph)."""
+    from torch._dynamo.utils import counters
+
+    from vpfast.prompt_tokens import PromptedViT
+    from vpfast.protuning import ProTuning
+    from vpfast.provp import ProVP
+
+    def build(compile):
+        model = _tiny_vit_classifier(compile)
+        if wrapper == "PromptedViT":
+            pv = PromptedViT(model)
+            prompts = torch.randn(2, 3, 48, requires_grad=True)
+            return (lambda x: pv(x, prompts)), [prompts]
+        module = ProVP(model, num_prompts=3) if wrapper == "ProVP" else ProTuning(model, vit_stages=2)
+        for param in module.parameters():
+            if param.requires_grad:
+                nn.init.normal_(param, std=0.1)  # Pro-tuning's zero-initialized scales would hide the blocks
+        return module, [p for p in module.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    counters.clear()
+    (compiled, trained), (eager, eager_trained) = build("aot_eager"), build(False)
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32)
+        got, want = compiled(x), eager(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), trained),
+                        torch.autograd.grad(want.square().sum(), eager_trained), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1

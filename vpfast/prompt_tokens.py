@@ -21,8 +21,8 @@ backbone recompile on every call; hooks that stay put are traced into the graph.
 M = 0) the wrapper calls the model unchanged, so its output equals the frozen forward exactly.
 
 Compiling: ``torch.compile(PromptedViT(model), fullgraph=True)`` traces the whole prompted forward in one graph
-(tested for the three families). A ``FrozenClassifier`` built with ``compile`` compiles its own frozen forward
-only: wrap the prompted module (or the whole model it is part of, as ``vpfast train --compile`` does) instead.
+(tested for the three families), and a ``FrozenClassifier`` built with ``compile`` traces these hooks into its
+compiled forward (one graph per input signature, not one per call).
 
 Prompts come per call: (B, M, d) input-dependent prompts (PGN) or (M, d) static ones shared by the batch
 (PGN's IIP baseline, VPT-shallow), held and trained by the caller. Gradients reach the prompts; the

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpfast.backbones.frozen import FrozenClassifier
+from vpfast.backbones.frozen import FrozenClassifier, compile_function
 from vpfast.prompt_tokens import _check_open_clip_version, _unwrap, vit_family
 
 
@@ -115,6 +115,10 @@ class ProVP(nn.Module):
         if num_prompts and deep:
             self._handles += [block.register_forward_pre_hook(self._blend_hook(layer))
                               for layer, block in enumerate(blocks) if layer > 0]
+        # ProVP runs the ViT's parts itself, not the FrozenClassifier's (compiled) forward: a backbone built with
+        # ``compile`` has the prompted features compiled here instead.
+        self._features_fn = compile_function(self._features, model.compile if isinstance(model, FrozenClassifier)
+                                             else False)
         self.register_state_dict_post_hook(_drop_frozen_state)
         self.register_load_state_dict_pre_hook(_restore_frozen_state)
 
@@ -205,6 +209,9 @@ class ProVP(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Image features of normalized ``images`` (CLIP: the projected embedding; timm: the pre-logits)."""
+        return self._features_fn(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         if self._prompting and self.num_prompts > 0 and not self._handles_on:
             raise RuntimeError("this ProVP's hooks were removed (remove_hooks): it cannot prompt the model")
         self._inserting = self._prompting and self.num_prompts > 0

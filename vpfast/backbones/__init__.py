@@ -5,7 +5,7 @@ Every builder returns a ``FrozenClassifier``: logits of normalized images, with 
 the builder that needs them.
 """
 
-from vpfast.backbones.frozen import PRECISIONS, FrozenClassifier, cast_frozen
+from vpfast.backbones.frozen import PRECISIONS, FrozenClassifier, cast_frozen, compile_function
 from vpfast.backbones.label_mapping import FirstK, FrequencyMapping, greedy_one_to_one
 from vpfast.backbones.packaged_weights import EFFICIENTNET_LITE0, PACKAGED_WEIGHTS, load_state_dict_by_position
 from vpfast.backbones.timm_models import efficientnet_lite0, from_timm
@@ -22,6 +22,7 @@ __all__ = [
     "FrozenClassifier",
     "ZeroShotHead",
     "cast_frozen",
+    "compile_function",
     "efficientnet_lite0",
     "from_open_clip",
     "from_timm",

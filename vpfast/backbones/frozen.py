@@ -22,6 +22,16 @@ def check_compile(compile: bool | str) -> None:
         raise ValueError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
 
 
+def compile_function(function, compile: bool | str):
+    """``function`` compiled as ``compile`` says (True: inductor, a str: that backend), or itself when False.
+
+    Modules keep the result as a plain attribute, not a submodule, so their state_dict keeps its keys."""
+    check_compile(compile)
+    if not compile:
+        return function
+    return torch.compile(function, backend="inductor" if compile is True else compile)
+
+
 def is_convolutional(model: nn.Module) -> bool:
     """Whether ``model`` is a CNN: more than one 2-d convolution (a ViT has one, its patch embedding)."""
     return sum(isinstance(module, nn.Conv2d) for module in model.modules()) > 1
@@ -55,7 +65,9 @@ class FrozenClassifier(nn.Module):
     ``precision`` is "fp32" or "bf16" (weights cast once, bf16 autocast, float32 logits);
     ``autocast_dtype`` alone keeps float32 weights under autocast. ``compile`` (True, or a backend
     name such as "aot_eager") compiles the forward; batch sizes may change (torch's automatic dynamic
-    shapes after the second size). ``channels_last`` (default: for CNNs, see ``is_convolutional``) stores the
+    shapes after the second size). Prompting wrappers keep it: ``PromptedViT`` and ``ProTuning`` hooks are
+    traced into the compiled forward, and ``ProVP`` (which runs the ViT's parts itself) compiles its features.
+    ``channels_last`` (default: for CNNs, see ``is_convolutional``) stores the
     weights and feeds the input in NHWC memory order; the values are the same up to rounding.
     """
 
@@ -98,9 +110,7 @@ class FrozenClassifier(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.precision = precision
         self.compile = compile
-        backend = "inductor" if compile is True else compile
-        # A plain function, not a submodule: the state_dict keeps its keys.
-        self._logits_fn = torch.compile(self._logits, backend=backend) if compile else self._logits
+        self._logits_fn = compile_function(self._logits, compile)
 
     def train(self, mode: bool = True) -> "FrozenClassifier":
         super().train(mode)

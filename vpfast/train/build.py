@@ -45,18 +45,39 @@ class PromptedClassifier(nn.Module):
     prompt inside the backbone), the prompter only normalizes and ``adapter`` runs the backbone: it
     maps normalized images to source logits, and may offer ``auxiliary_loss()``, a term computed in
     its last forward that training adds to the cross-entropy.
+
+    ``compile`` (True: inductor, or a backend name) compiles ``source_logits``, prompter to source logits with
+    the backbone's hooks, as one graph (``vpfast train --compile`` for token and adapter methods); leave the
+    backbone itself uncompiled then.
     """
 
     def __init__(self, prompter: nn.Module, backbone: backbones.FrozenClassifier, mapping: nn.Module | None,
-                 tokens: nn.Module | None = None, adapter: nn.Module | None = None) -> None:
+                 tokens: nn.Module | None = None, adapter: nn.Module | None = None,
+                 compile: bool | str = False) -> None:
         super().__init__()
         if tokens is not None and adapter is not None:
             raise ValueError("PromptedClassifier takes tokens or an adapter, not both")
+        if compile and backbone.compile:
+            raise ValueError(f"compile={compile!r} compiles the whole prompted forward, but the backbone is already "
+                             f"compiled (compile={backbone.compile!r}): compile one of them")
         self.prompter, self.backbone, self.mapping, self.tokens = prompter, backbone, mapping, tokens
         self.adapter = adapter
         self.vit = None if tokens is None else PromptedViT(backbone)
+        self.compile = compile
+        self._source_logits_fn = backbones.compile_function(self._source_logits, compile)
+
+    @property
+    def compiled(self) -> str:
+        """What is compiled: "prompted forward", "backbone" or "off" (as reported by ``vpfast train``)."""
+        if self.compile:
+            return "prompted forward"
+        return "backbone" if self.backbone.compile else "off"
 
     def source_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's logits of the prompted ``images`` (before the label mapping)."""
+        return self._source_logits_fn(images)
+
+    def _source_logits(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prompter(images)
         if self.adapter is not None:
             return self.adapter(x)
@@ -110,8 +131,8 @@ def _pretrained_flag(value: str | None) -> bool | str:
 def build_backbone(cfg: TrainConfig, classnames: list[str], device: torch.device) -> backbones.FrozenClassifier:
     """The frozen model named by ``cfg.model`` (CLIP gets a zero-shot head over ``classnames``)."""
     family, name = cfg.model.split(":", 1)
-    speed = dict(precision=fast.precision(cfg, device),
-                 compile=fast.compile_backbone(cfg, device, whole_backbone=methods.get(cfg.method).kind == "pixel"))
+    compile_backbone = fast.compile_target(cfg, device, methods.get(cfg.method).kind) == "backbone"
+    speed = dict(precision=fast.precision(cfg, device), compile=fast.COMPILE_BACKEND if compile_backbone else False)
     if family == "open_clip":
         return backbones.from_open_clip(name, _pretrained_flag(cfg.pretrained) or None, classnames=classnames,
                                         templates=tuple(cfg.templates), model_cfg=cfg.model_cfg, device=device,

@@ -106,8 +106,8 @@ class TrainConfig:
                                 "CLIP zero-shot text templates, each with {} for the class name")
     precision: str = _opt("auto", "model", "frozen backbone precision: bf16 casts its weights once and composes bf16 "
                           "canvases; auto is bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
-    compile: str = _opt("auto", "model", "torch.compile the frozen backbone (EVP, pad and patch); auto: on with CUDA",
-                        choices=SWITCHES)
+    compile: str = _opt("auto", "model", "torch.compile the frozen backbone (EVP, pad, patch) or the whole prompted "
+                        "forward (PGN, ProVP, VPT, Pro-tuning); auto: on with CUDA", choices=SWITCHES)
     label_mapping: str = _opt("frequency", "model", "ImageNet classifiers: how model classes map to task classes "
                                                     "(CLIP uses its zero-shot head)", choices=LABEL_MAPPINGS)
     mapping_refresh: int | None = _opt(None, "model", "epochs between frequency-mapping refreshes", low=1,

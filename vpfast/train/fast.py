@@ -1,7 +1,8 @@
 """The speed settings of ``vpfast train``: precision, compile, CUDA graphs, where the data lives.
 
 Each is "auto" by default and resolved against the training device: on CUDA, bf16 weights (and bf16
-canvases out of the pixel prompters), a compiled backbone, the step captured in CUDA graphs where the
+canvases out of the pixel prompters), a compiled backbone (pixel methods) or prompted forward (token and
+adapter methods), the step captured in CUDA graphs where the
 method allows it and the data on the GPU when it fits; on the CPU, float32 eager (the demo and quick
 start stay as they were).
 """
@@ -23,11 +24,21 @@ def precision(cfg, device: torch.device) -> str:
     return cfg.precision
 
 
-def compile_backbone(cfg, device: torch.device, whole_backbone: bool) -> bool:
-    """Whether the frozen backbone is compiled: "auto" is on with CUDA only. Only for methods that call the
-    whole backbone (``whole_backbone``: EVP, pad, patch): token and adapter methods insert hooks and blocks
-    into it per call, which would recompile the compiled forward every step."""
-    return whole_backbone and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
+COMPILE_BACKEND: bool | str = True  # what --compile passes as ``compile=``: True is inductor (tests use "aot_eager")
+
+
+def compile_target(cfg, device: torch.device, kind: str) -> str:
+    """What ``--compile`` compiles ("auto": on with CUDA only), for a method of ``kind`` (vpfast/methods.py).
+
+    "backbone" for pixel methods: the frozen backbone (their prompters draw random values from a generator on
+    the host, so compose runs eagerly in front of it). "prompted forward" for token and adapter methods: the
+    normalization, the prompt generator or adapter and the backbone with its hooks, traced as one graph
+    (no graph break for PGN, ProVP, VPT and Pro-tuning on open_clip, timm and torchvision models:
+    tests/test_train_fast.py). "off" otherwise.
+    """
+    if not (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")):
+        return "off"
+    return "backbone" if kind == "pixel" else "prompted forward"
 
 
 def cuda_graph(cfg) -> bool | None:
@@ -51,6 +62,5 @@ def decode_size(cfg) -> int:
 
 def report(model, train_set, step_path: str, not_graphed: str | None) -> dict:
     """The path a run takes, as written to metrics.jsonl and results.json."""
-    backbone = model.backbone
-    return {"precision": backbone.precision, "compile": bool(backbone.compile), "train_step": step_path,
+    return {"precision": model.backbone.precision, "compile": model.compiled, "train_step": step_path,
             "train_step_not_graphed": not_graphed, "data_device": data.stored_on(train_set)}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vpfast import pretrained
+from vpfast import methods, pretrained
 from vpfast.train import checkpoint, data, fast
 from vpfast.train import progress as progress_output
 from vpfast.train.build import (
@@ -155,8 +155,10 @@ def build_run(cfg: TrainConfig, device: torch.device):
     train, val, test, classes = load_datasets(cfg, fast.decode_size(cfg))
     (train, val, test), _ = data.store([train, val, test], cfg.data_device, device)
     backbone = build_backbone(cfg, classes, device)
+    whole = fast.compile_target(cfg, device, methods.get(cfg.method).kind) == "prompted forward"
     model = PromptedClassifier(build_prompter(cfg, backbone), backbone, build_mapping(cfg, backbone, len(classes)),
-                               build_tokens(cfg, backbone), build_adapter(cfg, backbone))
+                               build_tokens(cfg, backbone), build_adapter(cfg, backbone),
+                               compile=fast.COMPILE_BACKEND if whole else False)
     return model.to(device), (train, val, test), classes
 
 
