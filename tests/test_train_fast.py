@@ -104,8 +104,11 @@ COMPILED_METHODS = {
     "pgn": dict(method="pgn", num_prompts=2, library_size=8),
     "provp": dict(method="provp", num_prompts=2),
     "protuning": dict(method="protuning", vit_stages=2),
+    "vpt": dict(method="vpt", num_prompts=2),
     "protuning-efficientnet": dict(method="protuning", model="timm:tf_efficientnet_lite0", pretrained=None,
                                    image_size=32, label_mapping="first-k"),
+    "protuning-resnet": dict(method="protuning", model="torchvision:resnet18", pretrained=None, image_size=32,
+                             label_mapping="first-k"),
 }
 
 
@@ -121,6 +124,18 @@ def test_token_and_adapter_methods_compile_the_prompted_forward_without_graph_br
     explained = torch._dynamo.explain(model._source_logits)(train_set.images[:4])
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_a_compiled_prompted_forward_needs_an_uncompiled_backbone():
+    from vpfast.backbones import FrozenClassifier
+    from vpfast.train.build import Normalizer, PromptedClassifier
+
+    backbone = FrozenClassifier(torch.nn.Flatten(), input_size=(2, 2), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                num_classes=12, compile="aot_eager")
+    with pytest.raises(ValueError, match=r"compile=True compiles the whole prompted forward, but the backbone is "
+                                         r"already compiled \(compile='aot_eager'\): compile one of them"):
+        PromptedClassifier(Normalizer(2, backbone.mean, backbone.std), backbone, None, compile=True)
+    assert PromptedClassifier(Normalizer(2, backbone.mean, backbone.std), backbone, None).compiled == "backbone"
 
 
 @pytest.mark.parametrize("method", ["pgn", "provp"])

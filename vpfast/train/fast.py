@@ -33,8 +33,8 @@ def compile_target(cfg, device: torch.device, kind: str) -> str:
     "backbone" for pixel methods: the frozen backbone (their prompters draw random values from a generator on
     the host, so compose runs eagerly in front of it). "prompted forward" for token and adapter methods: the
     normalization, the prompt generator or adapter and the backbone with its hooks, traced as one graph
-    (no graph break for PGN, ProVP, VPT and Pro-tuning on open_clip, timm and torchvision models:
-    tests/test_train_fast.py). "off" otherwise.
+    (no graph break: tests/test_train_fast.py traces PGN, ProVP, VPT and Pro-tuning on a tiny open_clip ViT and
+    Pro-tuning on timm's EfficientNet-Lite0 and torchvision's ResNet-18). "off" otherwise.
     """
     if not (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")):
         return "off"
