@@ -8,6 +8,7 @@ Install with ``pip install --no-build-isolation -e .`` (the build needs the inst
 Knobs (environment variables):
     VPFAST_SKIP_EXT=1     pure-Python install, no extension: ops use their Triton and reference backends
     VPFAST_FORCE_CUDA=1   compile the CUDA kernels or fail (default: when nvcc and a CUDA torch are found)
+    VPFAST_SKIP_CUDA=1    compile the extension's CPU kernels only (a machine without a GPU: seconds, not a minute)
     CUDA_HOME             the CUDA toolkit (default /usr/local/cuda)
     TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default "8.0;9.0")
     MAX_JOBS              parallel compile jobs (read by torch's ninja build)
@@ -68,7 +69,11 @@ def git_commit() -> str | None:
 def want_cuda(torch_cuda: str | None, nvcc: Path | None) -> bool:
     """Whether to compile the CUDA kernels; fails loudly when VPFAST_FORCE_CUDA=1 cannot be honoured."""
     problem = ""
-    if torch_cuda is None:
+    if env_flag("VPFAST_SKIP_CUDA"):
+        if env_flag("VPFAST_FORCE_CUDA"):
+            raise SystemExit("vpfast: VPFAST_SKIP_CUDA=1 and VPFAST_FORCE_CUDA=1 contradict each other; set one")
+        problem = "VPFAST_SKIP_CUDA=1"
+    elif torch_cuda is None:
         problem = "the installed torch is a CPU-only build"
     elif nvcc is None:
         problem = "nvcc not found (set CUDA_HOME to the CUDA toolkit)"

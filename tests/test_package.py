@@ -158,3 +158,39 @@ def test_selftest_passes_and_can_fail(capsys, monkeypatch):
     monkeypatch.setattr(selftest, "check_compose", lambda generator: 1.0)  # a wrong result must be reported
     assert main(["selftest"]) == 1
     assert "FAIL compose on CPU" in capsys.readouterr().out
+
+
+def _setup_functions() -> dict:
+    """``env_flag`` and ``want_cuda`` from setup.py, without running ``setup()``."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    names = ("env_flag", "want_cuda")
+    wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+    namespace: dict = {"os": __import__("os"), "Path": __import__("pathlib").Path}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), "setup.py", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+@pytest.mark.parametrize("env, torch_cuda, nvcc, expected", [
+    ({}, "13.0", "nvcc", True),
+    ({}, None, "nvcc", False),
+    ({}, "13.0", None, False),
+    ({"VPFAST_SKIP_CUDA": "1"}, "13.0", "nvcc", False),
+    ({"VPFAST_FORCE_CUDA": "1"}, None, "nvcc", SystemExit),
+    ({"VPFAST_SKIP_CUDA": "1", "VPFAST_FORCE_CUDA": "1"}, "13.0", "nvcc", SystemExit),
+])
+def test_setup_cuda_knobs(monkeypatch, env, torch_cuda, nvcc, expected):
+    """VPFAST_SKIP_CUDA=1 (the quick start without a GPU) builds the CPU kernels only, even with nvcc and a CUDA
+    torch; VPFAST_FORCE_CUDA=1 fails when it cannot be honoured or contradicts VPFAST_SKIP_CUDA."""
+    for name in ("VPFAST_SKIP_CUDA", "VPFAST_FORCE_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    want_cuda = _setup_functions()["want_cuda"]
+    if expected is SystemExit:
+        with pytest.raises(SystemExit):
+            want_cuda(torch_cuda, nvcc)
+    else:
+        assert want_cuda(torch_cuda, nvcc) is expected
