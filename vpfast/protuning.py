@@ -227,6 +227,7 @@ class ProTuning(nn.Module):
         return self
 
     def _register_hooks(self) -> list:
+        """A pre-hook per stage entry (and, for ViTs, one recording the patch grid), acting only while ``_active``."""
         stages, handles = self._stages, []
         if stages.vit is not None:
             def record_grid(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -109,7 +109,7 @@ class ProVP(nn.Module):
         self._prompting = True
         self._inserting = False  # True during a prompted call: layer 0's insertion and the removal act
         self._handles = []  # never read in forward: torch.compile cannot trace a hook handle
-        self._handles_on = True
+        self._hooked = True
         if num_prompts:
             self._handles = self._register_insertion(pre_norm, strip_at)
         if num_prompts and deep:
@@ -144,7 +144,7 @@ class ProVP(nn.Module):
         """Take the hooks off the model (prompted calls raise afterwards)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._handles_on = [], False
+        self._handles, self._hooked = [], False
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -212,7 +212,7 @@ class ProVP(nn.Module):
         return self._features_fn(images)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        if self._prompting and self.num_prompts > 0 and not self._handles_on:
+        if self._prompting and self.num_prompts > 0 and not self._hooked:
             raise RuntimeError("this ProVP's hooks were removed (remove_hooks): it cannot prompt the model")
         self._inserting = self._prompting and self.num_prompts > 0
         try:
