@@ -66,8 +66,9 @@ def git_commit() -> str | None:
     return out.strip() or None
 
 
-def want_cuda(torch_cuda: str | None, nvcc: Path | None) -> bool:
-    """Whether to compile the CUDA kernels; fails loudly when VPFAST_FORCE_CUDA=1 cannot be honoured."""
+def cuda_problem(torch_cuda: str | None, nvcc: Path | None) -> str:
+    """Why the CUDA kernels are not compiled ("" when they are); fails loudly when VPFAST_FORCE_CUDA=1 cannot be
+    honoured."""
     problem = ""
     if env_flag("VPFAST_SKIP_CUDA"):
         if env_flag("VPFAST_FORCE_CUDA"):
@@ -81,7 +82,7 @@ def want_cuda(torch_cuda: str | None, nvcc: Path | None) -> bool:
         raise SystemExit(f"vpfast: VPFAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: {problem}")
     if problem:
         print(f"vpfast: building the extension without CUDA kernels ({problem})")
-    return not problem
+    return problem
 
 
 def extension_build(info: dict) -> dict:
@@ -92,7 +93,8 @@ def extension_build(info: dict) -> dict:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cuda = want_cuda(torch.version.cuda, nvcc)
+    problem = cuda_problem(torch.version.cuda, nvcc)
+    cuda = not problem
     target = "0x{:02x}{:02x}000000000000".format(*TORCH_TARGET)
     defines = [f"-DTORCH_TARGET_VERSION={target}"] + (["-DVPFAST_WITH_CUDA"] if cuda else [])
     args = {"cxx": ["-O3", *defines]}
@@ -110,6 +112,7 @@ def extension_build(info: dict) -> dict:
         abi="stable",
         torch_target=".".join(map(str, TORCH_TARGET)),
         cuda_kernels=cuda,
+        cuda_kernels_skipped=problem or None,
         nvcc=nvcc_version(nvcc) if cuda else None,
         cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"] if cuda else None,
     )

@@ -161,12 +161,12 @@ def test_selftest_passes_and_can_fail(capsys, monkeypatch):
 
 
 def _setup_functions() -> dict:
-    """``env_flag`` and ``want_cuda`` from setup.py, without running ``setup()``."""
+    """``env_flag`` and ``cuda_problem`` from setup.py, without running ``setup()``."""
     import ast
     from pathlib import Path
 
     tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
-    names = ("env_flag", "want_cuda")
+    names = ("env_flag", "cuda_problem")
     wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
     namespace: dict = {"os": __import__("os"), "Path": __import__("pathlib").Path}
     exec(compile(ast.Module(body=wanted, type_ignores=[]), "setup.py", "exec"), namespace)  # noqa: S102
@@ -188,9 +188,17 @@ def test_setup_cuda_knobs(monkeypatch, env, torch_cuda, nvcc, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    want_cuda = _setup_functions()["want_cuda"]
+    cuda_problem = _setup_functions()["cuda_problem"]
     if expected is SystemExit:
         with pytest.raises(SystemExit):
-            want_cuda(torch_cuda, nvcc)
+            cuda_problem(torch_cuda, nvcc)
     else:
-        assert want_cuda(torch_cuda, nvcc) is expected
+        assert (cuda_problem(torch_cuda, nvcc) == "") is expected
+
+
+def test_info_says_why_a_build_has_no_cuda_kernels():
+    from vpfast.info import _build_line
+
+    base = {"extension": True, "torch": "2.14.1", "abi": "stable", "torch_target": "2.10", "cuda_kernels": False}
+    assert _build_line({**base, "cuda_kernels_skipped": "VPFAST_SKIP_CUDA=1"}).endswith("CPU only (VPFAST_SKIP_CUDA=1)")
+    assert _build_line(base).endswith("CPU only")

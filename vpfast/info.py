@@ -103,7 +103,8 @@ def _build_line(info: dict) -> str:
         arch = info.get("cuda_arch_list")
         parts.append(f"CUDA {info.get('torch_cuda')}, nvcc {info.get('nvcc')}, arch {arch}")
     else:
-        parts.append("CPU only")
+        skipped = info.get("cuda_kernels_skipped")
+        parts.append(f"CPU only ({skipped})" if skipped else "CPU only")
     return ", ".join(parts)
 
 
