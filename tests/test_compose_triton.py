@@ -128,7 +128,7 @@ def test_launch_plan_covers_any_batch_within_grid_limits(batch):
                                     programs_wanted=10**9)
     tiles, programs = launch.grid
     assert programs == min(batch, kernels.MAX_GRID_Y)
-    assert launch.args[7] == batch  # B: program p runs samples p, p + programs, ... < B
+    assert launch.args[5] == batch  # B: program p runs samples p, p + programs, ... < B
     chunks = kernels.backward_chunks(batch, 224, programs_wanted=10**9)
     per_chunk = triton.cdiv(batch, chunks)
     assert chunks <= kernels.MAX_GRID_Y and chunks * per_chunk >= batch and (chunks - 1) * per_chunk < batch
