@@ -41,7 +41,7 @@ FORWARD_TRANSFORM_BUDGET = 220
 BACKWARD_ACCUM_BUDGET = 5  # 1 128-bit load per 8 bf16 elements, 1 convert and 1 add (or FMA) each, loop control
 BACKWARD_NORM_BUDGET = 12  # all channels per sample and the sum over the tile (shuffles, shared memory) per sample
 BACKWARD_TRANSFORM_BUDGET = 110
-TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
+TRANSFORM_TAPS = 2  # resized rows/columns that read a canvas row/column (S/size >= 1: at most 2)
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
 # contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
 # source coordinate near 200 (1.5e-5) times a jump of ~10 between neighbouring normalized pixels moved the
@@ -287,16 +287,17 @@ def _transform_taps_kernel(
 @triton.jit
 def _compose_transform_fwd_kernel(
     out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, taps_ptr,
-    B, sxb, sxc, sxh, sxw, sob, soc, soh, sow, S, fill, n_col_tiles, SP,
-    C: tl.constexpr, CP: tl.constexpr, BW: tl.constexpr, KCH: tl.constexpr, KCW: tl.constexpr, F: tl.constexpr,
-    UINT8: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, WIDE: tl.constexpr,
+    B, sxb, sxc, sxh, sxw, sob, soc, soh, sow, fill, n_col_tiles, SP,
+    S: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BW: tl.constexpr, KCH: tl.constexpr, KCW: tl.constexpr,
+    F: tl.constexpr, UINT8: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The forward with the per-sample transform, separable: a program owns one run of BW columns of one canvas
     row and loops over its share of the batch. Per sample, the row's data (image slots, the term's rows and
     their weights) are scalars and the columns' come once from the taps table (_transform_taps_kernel); each
     output is its KCH x KCW image slots weighted by row x column weights, times gain, plus the term's 2 x 2
     window, or the normalized fill outside the sample's box; a row outside the box is fill only. Gathers read
-    one 64-bit pointer per pixel plus a row step, so a unit column stride folds into the load's offset."""
+    one 64-bit pointer per pixel plus a row step, so a unit column stride folds into the load's offset; the
+    canvas size is a constant, so the term's window and channels are offsets of one pointer too."""
     tile = tl.program_id(0)
     row = tile // n_col_tiles
     X = tl.max_contiguous(tl.multiple_of((tile % n_col_tiles) * BW + tl.arange(0, BW), BW), BW)
@@ -318,7 +319,7 @@ def _compose_transform_fwd_kernel(
             r_t0 = tl.load(ytab + 3 * SP)
             r_t1 = tl.load(ytab + 4 * SP)
             c_lo = tl.load(xtab).to(tl.int32, bitcast=True)
-            term_offs = r_q * S + tl.load(xtab + SP).to(tl.int32, bitcast=True)
+            term = term_ptr + (r_q * S + tl.load(xtab + SP).to(tl.int32, bitcast=True))
             c_in = tl.load(xtab + 2 * SP) != 0.0
             c_t0 = tl.load(xtab + 3 * SP)
             c_t1 = tl.load(xtab + 4 * SP)
@@ -336,7 +337,7 @@ def _compose_transform_fwd_kernel(
                         v = tl.load(row_ptr + kx * sxw)
                         row_sum += tl.load(xtab + (5 + kx) * SP) * v.to(tl.float32)
                     image += tl.load(ytab + (5 + ky) * SP) * row_sum
-                tc = term_ptr + c * S * S + term_offs  # the term's window: q and q + 1 on both axes (S >= 2)
+                tc = term + c * S * S  # the term's window: q and q + 1 on both axes (S >= 2)
                 t = (r_t0 * (c_t0 * tl.load(tc) + c_t1 * tl.load(tc + 1))
                      + r_t1 * (c_t0 * tl.load(tc + S) + c_t1 * tl.load(tc + S + 1)))
                 y = tl.where(c_in, image * _channel(gain, cidx, c) + t, _channel(background, cidx, c))
@@ -404,50 +405,56 @@ def _transform_weight(q, r, size, S, scale):
 
 
 @triton.jit
-def _adjoint_table_kernel(a_ptr, t_ptr, S, B, BLOCK: tl.constexpr, KT: tl.constexpr):
+def _adjoint_table_kernel(a_ptr, t_ptr, S, B, SP, BLOCK: tl.constexpr, KT: tl.constexpr):
     """Per sample and canvas index q, the adjoint of the per-sample resize along one axis: the first resized
-    index r0 that may read q and the weights with which r0, ..., r0 + KT - 1 read it, as KT + 1 floats.
+    index r0 that reads q (int32 bits) and the weights with which r0 and r0 + 1 read it: KT + 1 = 3 fields of
+    SP floats per sample (field-major, so a tile's columns load as vectors; indices past S have weight 0).
 
-    Resized index r reads q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5), inv = size / S <= 1.
+    Resized index r reads q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5), inv = size / S <= 1;
+    the first tap's index strictly increases with r (a step of S / size >= 1), so at most two consecutive r
+    read q: lo = floor of the interval's start, or lo + 1 when lo does not read q.
     """
     q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = q < S
+    valid = q < SP
     for b in tl.range(tl.program_id(1), B, tl.num_programs(1), loop_unroll_factor=1):
         size = tl.load(t_ptr + b * 4)
         scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
         inv = size.to(tl.float32) / S.to(tl.float32)
         lo = tl.floor((q.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32)
-        row = a_ptr + (tl.cast(b, tl.int64) * S + q) * (KT + 1)
-        tl.store(row, lo.to(tl.float32), mask=valid)
-        for j in tl.static_range(KT):
-            tl.store(row + 1 + j, _transform_weight(q, lo + j, size, S, scale_t), mask=valid)
+        w0 = _transform_weight(q, lo, size, S, scale_t)
+        w1 = _transform_weight(q, lo + 1, size, S, scale_t)
+        w2 = _transform_weight(q, lo + 2, size, S, scale_t)
+        shift = w0 == 0.0
+        fields = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + q
+        tl.store(fields, (lo + shift.to(tl.int32)).to(tl.float32, bitcast=True), mask=valid)
+        tl.store(fields + SP, tl.where(shift, w1, w0), mask=valid)
+        tl.store(fields + 2 * SP, tl.where(shift, w2, w1), mask=valid)
 
 
 @triton.jit
 def _sample_grad(
-    gc_ptr, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S,
+    gc_ptr, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP,
     HAS_TRANSFORM: tl.constexpr, KT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One channel of sample b's gradient with respect to the canvas before the transform, on the tile."""
+    """One channel of sample b's gradient with respect to the canvas before the transform, on the tile: with the
+    transform, a gather of the KT x KT resized pixels that read each canvas pixel (the adjoint table's rows and
+    columns), from clamped coordinates with weight 0 where none reads it."""
     if HAS_TRANSFORM:
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
-        qx = tl.minimum(X, S - 1)  # the flip mirrors the image only: the prompt gradient does not see it
-        ya = a_ptr + (tl.cast(b, tl.int64) * S + tl.minimum(Y, S - 1)) * (KT + 1)
-        xa = a_ptr + (tl.cast(b, tl.int64) * S + qx) * (KT + 1)
-        ylo = tl.load(ya).to(tl.int32)
-        xlo = tl.load(xa).to(tl.int32)
+        ya = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + Y  # the flip mirrors the image only: the prompt
+        xa = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + X  # gradient does not see it
+        gy0 = ty + tl.load(ya).to(tl.int32, bitcast=True)
+        gx0 = tx + tl.load(xa).to(tl.int32, bitcast=True)
         acc = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
-        for jy in tl.range(KT, loop_unroll_factor=1):  # rolled: fewer registers, the column weights stay
-            wy = tl.where(Y < S, tl.load(ya + 1 + jy), 0.0)
-            gy = tl.minimum(tl.maximum(ty + ylo + jy, 0), S - 1)
+        for jy in tl.static_range(KT):
+            gy = tl.minimum(tl.maximum(gy0 + jy, 0), S - 1)
             row = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
             for jx in tl.static_range(KT):
-                wx = tl.where(X < S, tl.load(xa + 1 + jx), 0.0)
-                gx = tl.minimum(tl.maximum(tx + xlo + jx, 0), S - 1)
+                gx = tl.minimum(tl.maximum(gx0 + jx, 0), S - 1)
                 v = tl.load(gc_ptr + _offsets(gy, sgh, gx, sgw, WIDE))
-                row += wx[None, :] * v.to(tl.float32)
-            acc += wy[:, None] * row
+                row += tl.load(xa + (1 + jx) * SP)[None, :] * v.to(tl.float32)
+            acc += tl.load(ya + (1 + jy) * SP)[:, None] * row
     else:
         acc = tl.load(gc_ptr + _offsets(Y, sgh, X, sgw, WIDE), mask=valid, other=0.0).to(tl.float32)
     return acc
@@ -467,7 +474,7 @@ def _grad_scale(m_ptr, Y, X, valid, std, cidx, c: tl.constexpr, S, HAS_MASK: tl.
 
 @triton.jit
 def _compose_bwd_norm_kernel(
-    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, n_col_tiles, n_tiles,
+    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, SP, B, n_col_tiles, n_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, L2: tl.constexpr,
     WIDE: tl.constexpr,
@@ -480,7 +487,7 @@ def _compose_bwd_norm_kernel(
         part = 0.0
         for c in tl.static_range(C):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP, HAS_TRANSFORM, KT, WIDE)
             g = g * _grad_scale(m_ptr, Y, X, valid, std, cidx, c, S, HAS_MASK, HAS_STD)
             part += tl.sum(tl.sum(g * g if L2 else tl.abs(g), axis=1), axis=0)
         tl.store(part_ptr + tl.cast(b, tl.int64) * n_tiles + tl.program_id(0), part)
@@ -488,7 +495,8 @@ def _compose_bwd_norm_kernel(
 
 @triton.jit
 def _compose_bwd_accum_kernel(
-    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, per_chunk, n_col_tiles,
+    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, SP, B, per_chunk,
+    n_col_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_COEF: tl.constexpr,
     WIDE: tl.constexpr,
@@ -505,7 +513,7 @@ def _compose_bwd_accum_kernel(
         acc = tl.zeros([ROWS, BW], tl.float32)
         for b in tl.range(b_start, b_end, loop_unroll_factor=1):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP, HAS_TRANSFORM, KT, WIDE)
             if HAS_COEF:
                 g = g * tl.load(coef_ptr + b)
             acc += g
@@ -643,8 +651,8 @@ def forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias
         n_col_tiles = triton.cdiv(size, columns)
         tiles = size * n_col_tiles
         args = (out, images, term, dummy if mean is None else mean, dummy if std is None else std, taps, batch,
-                *images.stride(), *out.stride(), size, float(fill), n_col_tiles, plan.shape[-1])
-        constexprs = dict(common, BW=columns, KCH=plan.slots_y, KCW=plan.slots_x, F=plan.shape[2],
+                *images.stride(), *out.stride(), float(fill), n_col_tiles, plan.shape[-1])
+        constexprs = dict(common, S=size, BW=columns, KCH=plan.slots_y, KCW=plan.slots_x, F=plan.shape[2],
                           HAS_MEAN=mean is not None, num_warps=1)
         # one warp per program: as many programs per SM as the plain kernel's warps
         programs = batch_programs(batch, tiles, wanted * NUM_WARPS)
@@ -692,9 +700,10 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     (when ``grad_norm`` asks) and the accumulation.
 
     ``norm_part`` is (B, tiles), ``accum_part`` (chunks, C, S, S), chunks <= min(B, MAX_GRID_Y), and
-    ``table`` (B, S, TRANSFORM_TAPS + 1) float32 with a transform.
+    ``table`` (``adjoint_table_shape``) float32 with a transform.
     """
     batch, channels, size, _ = grad_out.shape
+    padded = adjoint_table_shape(batch, size)[-1]
     rows, columns = tile_shape(size)
     n_col_tiles = triton.cdiv(size, columns)
     tiles = triton.cdiv(size, rows) * n_col_tiles
@@ -710,25 +719,32 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
                 dummy if transform is None else table)
     launches = []
     if transform is not None:
-        block = min(256, triton.next_power_of_2(size))
+        block = min(256, triton.next_power_of_2(padded))
+        blocks = triton.cdiv(padded, block)
         launches.append(Launch(
-            _adjoint_table_kernel, (triton.cdiv(size, block), batch_programs(batch, triton.cdiv(size, block), wanted)),
-            (table, transform, size, batch), dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS),
+            _adjoint_table_kernel, (blocks, batch_programs(batch, blocks, wanted)),
+            (table, transform, size, batch, padded), dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS),
         ))
     if grad_norm != "none":
         launches.append(Launch(
             _compose_bwd_norm_kernel, (tiles, batch_programs(batch, tiles, wanted)),
-            (norm_part, grad_out, *pointers, *grad_out.stride(), size, batch, n_col_tiles, tiles),
+            (norm_part, grad_out, *pointers, *grad_out.stride(), size, padded, batch, n_col_tiles, tiles),
             dict(common, L2=grad_norm == "sample_l2"),
         ))
     n_chunks = accum_part.shape[0]
     launches.append(Launch(
         _compose_bwd_accum_kernel, (tiles, n_chunks),
-        (accum_part, grad_out, coef, *pointers, *grad_out.stride(), size, batch, triton.cdiv(batch, n_chunks),
-         n_col_tiles),
+        (accum_part, grad_out, coef, *pointers, *grad_out.stride(), size, padded, batch,
+         triton.cdiv(batch, n_chunks), n_col_tiles),
         dict(common, HAS_COEF=grad_norm != "none"),
     ))
     return launches
+
+
+def adjoint_table_shape(batch: int, size: int) -> tuple[int, int, int]:
+    """The backward's adjoint table: (B, TRANSFORM_TAPS + 1, S padded to whole tiles along both axes)."""
+    rows, columns = tile_shape(size)
+    return batch, TRANSFORM_TAPS + 1, max(triton.cdiv(size, rows) * rows, triton.cdiv(size, columns) * columns)
 
 
 def backward_chunks(batch: int, size: int, programs_wanted: int) -> int:
@@ -750,7 +766,7 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
     norm_part = _empty((batch, tiles), dtype=torch.float32, device=device)
     coef = _empty((batch,), dtype=torch.float32, device=device)
     accum_part = _empty((n_chunks, channels, size, size), dtype=torch.float32, device=device)
-    table = None if transform is None else _empty((batch, size, TRANSFORM_TAPS + 1), dtype=torch.float32,
+    table = None if transform is None else _empty(adjoint_table_shape(batch, size), dtype=torch.float32,
                                                   device=device)
     launches = backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, norm_part,
                                  coef, accum_part, table)
@@ -839,7 +855,7 @@ def aot_cases(capability: int) -> list[AotCase]:
             for grad_norm in ("none", "sample_l2"):
                 launches = backward_launches(grad, mask, vec, transform, "pixel", "prompt", grad_norm,
                                              torch.empty(batch, 1), torch.empty(batch), torch.empty(1, 3, size, size),
-                                             torch.empty(batch, size, TRANSFORM_TAPS + 1))
+                                             torch.empty(adjoint_table_shape(batch, size)))
                 vector = grad_name == "bf16" and transform is None
                 if transform is not None and grad_norm == "none" and grad_name == "bf16":
                     cases.append(AotCase("bwd adjoint table", launches[0]))
