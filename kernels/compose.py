@@ -37,11 +37,18 @@ MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 # SASS instructions per output element allowed in the aot tier (aot.py, sass_per_output), per loop over the batch
 FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, gain and term
 FORWARD_FRAME_BUDGET = 6  # tiles wholly in the frame: the term, converted and stored
-FORWARD_TRANSFORM_BUDGET = 220
 BACKWARD_ACCUM_BUDGET = 5  # 1 128-bit load per 8 bf16 elements, 1 convert and 1 add (or FMA) each, loop control
 BACKWARD_NORM_BUDGET = 12  # all channels per sample and the sum over the tile (shuffles, shared memory) per sample
-BACKWARD_TRANSFORM_BUDGET = 110
 TRANSFORM_TAPS = 2  # resized rows/columns that read a canvas row/column (S/size >= 1: at most 2)
+# The per-sample transform (the design's counts, EVP geometry 224 -> 164 from 224 px: 4 x 4 image slots):
+# forward, per output element: 16 gathers (load, convert, multiply-add, a pointer step per slot row), the term's
+# 2 x 2 window (4 loads with immediate offsets, 6 weight operations), gain, select, convert and the 128-bit store,
+# and per sample (over 8 bf16 or 4 float32 pixels per thread, 3 channels) the row's scalars, the columns' table
+# loads and the column weights per channel: about 100 for u8 -> bf16 and 72 for f32 -> f32 (sm_90); the budget
+# leaves 10 %. Backward, per element and channel: 2 x 2 gathers (clamped coordinates, 64-bit address, load,
+# convert, multiply-add), the row and column weights, and per sample the adjoint table's vector loads: about 44.
+FORWARD_TRANSFORM_BUDGET = 110
+BACKWARD_TRANSFORM_BUDGET = 50
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
 # contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
 # source coordinate near 200 (1.5e-5) times a jump of ~10 between neighbouring normalized pixels moved the
@@ -819,10 +826,22 @@ def aot_cases(capability: int) -> list[AotCase]:
                                 FORWARD_IMAGE_BUDGET),
             "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
 
-    def transformed() -> dict:  # the row (4 ints), 3 x (4 corners x (4 image taps + term) + a store of 2 pixels)
-        pixels = per_thread // 4  # the transform's tile is a quarter as tall; its loop over channels is rolled
-        design = LoopDesign(3 * pixels, 4 + 3 * (4 * 5 * pixels + 1), FORWARD_TRANSFORM_BUDGET, inner_trips=3)
-        return dict(sass_paths={"transform": design})
+    def transformed(images, o) -> dict:  # one warp per canvas row run, 16 bytes of output per thread
+        plan = transform_taps_plan(images.shape, size, inner, "bilinear", False, o.dtype)
+        pixels = transform_columns(size, o.dtype) // 32
+        slots = plan.slots_y * plan.slots_x
+        if images.dtype == torch.uint8:  # counted by the 8-bit gathers: 3 x the image slots per pixel
+            design = LoopDesign(3 * pixels, 3 * slots * pixels, FORWARD_TRANSFORM_BUDGET, inner_trips=plan.slots_y,
+                                bits=8)
+        else:  # 32-bit: 3 x (the image slots + the term's 4) per pixel, the row's 5 fields, its weights per channel
+            design = LoopDesign(3 * pixels, 3 * (slots + 4) * pixels + 5 + 3 * plan.slots_y, FORWARD_TRANSFORM_BUDGET,
+                                inner_trips=plan.slots_y, bits=32)
+        return dict(min_store_bits=128, sass_paths={"transform": design})
+
+    def taps(images, o):  # the launch of the transform's taps table for fwd(images, t_rows, "bilinear", False, o)
+        plan = transform_taps_plan(images.shape, size, inner, "bilinear", False, o.dtype)
+        return transform_taps_launch(images, t_rows, size, inner, pad, pad, "bilinear", False, torch.empty(plan.shape),
+                                     plan)
 
     cases = [
         AotCase("term", term_launch(prompt, mask, vec, vec, inner, pad, pad, 0.0, "pixel", term), 128, 128),
@@ -838,10 +857,12 @@ def aot_cases(capability: int) -> list[AotCase]:
         AotCase("fwd f32->f32 bilinear flip", fwd(torch.empty(batch, 3, 224, 224), None, "bilinear", False,
                                                   out(torch.float32), flip=torch.empty(batch, dtype=torch.int32)),
                 **plain(32, flag=1)),
+        AotCase("fwd transform taps", taps(u8, out(torch.bfloat16))),
         AotCase("fwd u8->bf16 bilinear transform", fwd(u8, t_rows, "bilinear", False, out(torch.bfloat16)),
-                **transformed()),
+                **transformed(u8, out(torch.bfloat16))),
         AotCase("fwd f32->f32 bilinear transform", fwd(torch.empty(batch, 3, 224, 224), t_rows, "bilinear", False,
-                                                       out(torch.float32)), **transformed()),
+                                                       out(torch.float32)),
+                **transformed(torch.empty(batch, 3, 224, 224), out(torch.float32))),
         AotCase("fwd f32 crop->f32 bicubic-aa", fwd(crop, None, "bicubic", True, out(torch.float32)), 128),
         AotCase("fwd u8->bf16 channels_last", fwd(u8.contiguous(memory_format=torch.channels_last), None,
                                                   "bilinear", False, out(torch.bfloat16, torch.channels_last)),
