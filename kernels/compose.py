@@ -258,12 +258,12 @@ def _axis_taps(tab, o, valid, t, size, S, scale_t, s, off, in_size, scale_in, fl
     tl.store(tab + o, lo.to(tl.float32, bitcast=True), mask=valid)
     for k in tl.static_range(KC):
         tl.store(tab + (5 + k) * SP + o, tl.zeros(o.shape, tl.float32), mask=valid)
-    for k in tl.static_range(K):
+    for k in tl.static_range(K):  # i - lo < KC (_slots); the bound only keeps a wrong KC from writing elsewhere
         i0, wi0 = _image_tap(j0, k, s, in_size, scale_in, K, BICUBIC, AA)
-        slot = tab + (5 + i0 - lo) * SP + o
+        slot = tab + (5 + tl.minimum(i0 - lo, KC - 1)) * SP + o
         tl.store(slot, tl.load(slot, mask=valid, other=0.0) + w0 * wi0, mask=valid)
         i1, wi1 = _image_tap(j1, k, s, in_size, scale_in, K, BICUBIC, AA)
-        slot = tab + (5 + i1 - lo) * SP + o
+        slot = tab + (5 + tl.minimum(i1 - lo, KC - 1)) * SP + o
         tl.store(slot, tl.load(slot, mask=valid, other=0.0) + w1 * wi1, mask=valid)
 
 

@@ -192,3 +192,51 @@ def test_canvas_wider_than_a_tile():
     case = Case(batch=1, size=260, inner=200, height=9, width=7, dtype=torch.uint8)
     check_forward(case, "cpu", seed=21)
     check_backward(case, "cpu", 24, "prompt", "sample_l1", torch.bfloat16, "channels_last")
+
+
+def _axis_matrix(n_in: int, n_out: int, mode: str, antialias: bool) -> torch.Tensor:
+    """(n_out, n_in) weights of one axis of F.interpolate (align_corners=False), read off an identity: float32
+    coordinates, as the spec computes them (float64 ones move a 224 canvas's weights by ~1e-5)."""
+    import torch.nn.functional as F
+
+    eye = torch.eye(n_in).view(1, 1, n_in, n_in)
+    return F.interpolate(eye, size=(n_out, n_in), mode=mode, align_corners=False, antialias=antialias)[0, 0].double()
+
+
+@pytest.mark.parametrize("height,width,inner,size,mode,antialias", [
+    (13, 11, 10, 16, "bilinear", False), (224, 224, 164, 224, "bilinear", False), (32, 32, 164, 224, "bilinear", False),
+    (13, 11, 10, 16, "bicubic", True), (97, 131, 20, 24, "bilinear", True), (10, 10, 10, 16, "bicubic", False),
+    (9, 5, 7, 11, "bilinear", False), (5, 40, 7, 11, "bilinear", False)])  # 40 -> 7: 2 + ceil(5.7) slots
+def test_transform_taps_table_is_the_product_of_the_two_resizes(height, width, inner, size, mode, antialias):
+    """Per sample and axis, the forward's taps table rebuilds the composite of the image resize placed at the
+    offset (mirrored along x for a flip) and the per-sample resize placed at (ty, tx): every image index an output
+    reads lies in its KC slots, with its weight; the term's window and the box flag match the per-sample resize."""
+    from vpfast.kernels import compose as kernels
+
+    from compose_cases import random_transform
+
+    batch, oy, ox = 6, (size - inner) // 2, size - inner
+    transform = random_transform(batch, size, torch.Generator().manual_seed(height + width))
+    transform[1, 3] = 1  # one flip, whatever was drawn
+    images = torch.empty(batch, 3, height, width)
+    plan = kernels.transform_taps_plan(images.shape, size, inner, mode, antialias, torch.bfloat16)
+    taps = torch.full(plan.shape, float("nan"))
+    kernels.transform_taps_launch(images, transform, size, inner, oy, ox, mode, antialias, taps, plan).run()
+    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
+        for axis, (n_in, off, t, slots) in enumerate([(height, oy, ty, plan.slots_y), (width, ox, tx, plan.slots_x)]):
+            image = torch.zeros(size, n_in, dtype=torch.float64)  # the canvas index's image weights
+            image[off:off + inner] = _axis_matrix(n_in, inner, mode, antialias)
+            if axis == 1 and flip:
+                image[off:off + inner] = image[off:off + inner].flip(0)
+            place = torch.zeros(size, size, dtype=torch.float64)  # output index <- canvas index
+            place[t:t + sz] = _axis_matrix(size, sz, "bilinear", False)
+            fields = taps[b, axis, :, :size]
+            lo, q = fields[0].view(torch.int32).long(), fields[1].view(torch.int32).long()
+            rebuilt = torch.zeros(size, n_in, dtype=torch.float64)
+            term = torch.zeros(size, size, dtype=torch.float64)
+            for o in range(size):
+                rebuilt[o, lo[o]:lo[o] + slots] = fields[5:5 + slots, o].double()
+                term[o, q[o]:q[o] + 2] = fields[3:5, o].double()
+            assert (rebuilt - place @ image).abs().max() < 1e-5, (b, axis)
+            assert (term - place).abs().max() < 1e-5, (b, axis)
+            assert torch.equal(fields[2] != 0, place.sum(1) != 0), (b, axis)
