@@ -8,10 +8,12 @@ inside a sample, and the per-channel gain. A 64-bit base pointer per sample and 
 the batch and channel offsets; offsets inside a sample are 32-bit unless a sample spans 2**31
 elements (WIDE). The batch-invariant part of the output (prompt, mask, fill, mean and std) is one
 (C, S, S) term computed once per call by ``_compose_term_kernel``; tiles that lie wholly in the
-frame copy it without reading the image. With the per-sample transform, the corner and image taps
-multiply per row and per column. Backward: the prompt gradient in one pass over the incoming
-gradient (two for the per-sample norms), accumulated in float32; the transform's adjoint reads
-3 x 3 candidates per pixel from a per-sample table. Interpolation follows ATen's float32 formulas
+frame copy it without reading the image. With the per-sample transform, separable: a per-sample table
+holds each output row's and column's image slots and weights through both resizes (the canvas's bilinear
+corners times the image taps) and the term's window, and a one-warp program per canvas row run gathers
+them. Backward: the prompt gradient in one pass over the incoming gradient (two for the per-sample
+norms), accumulated in float32; the transform's adjoint gathers the 2 x 2 resized pixels that read each
+canvas pixel, from a per-sample table. Interpolation follows ATen's float32 formulas
 (align_corners=False), the antialiased ones included. The aot tier (vpfast/aot.py) holds each
 loop over the batch to a budget of SASS instructions per output element (the *_BUDGET constants).
 """
