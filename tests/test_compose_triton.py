@@ -89,10 +89,11 @@ def test_batch_loop_with_several_programs_per_tile(monkeypatch):
     check_backward(case.but(transform=True), "cpu", 6, "canvas", None, torch.bfloat16, "channels_last")
 
 
+@pytest.mark.parametrize("transform", [False, True])
 @pytest.mark.parametrize("dim", ["channel", "row"])
-def test_offsets_past_2_31_do_not_wrap(dim):
+def test_offsets_past_2_31_do_not_wrap(dim, transform):
     """A uint8 view whose channel (or row) offsets pass 2**31 elements: the storage is ~2.1 GB of virtual
-    memory, of which only the pages the view covers are touched."""
+    memory, of which only the pages the view covers are touched. The plain and the transformed forward."""
     import vpfast
     from compose_cases import rel_err
     from vpfast.ops.compose import Layout, compose_reference
@@ -107,8 +108,9 @@ def test_offsets_past_2_31_do_not_wrap(dim):
     images = storage.as_strided((batch, 3, height, width), strides)
     images.copy_(torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(7), dtype=torch.uint8))
     prompt = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(8))
-    got = vpfast.ops.compose(images, prompt, inner_size=6, fill=0.5)
-    expected = compose_reference(images.contiguous(), prompt, None, None, None, None, Layout(8, 6, 1, 1), 0.5)
+    rows = torch.tensor([[6, 1, 2, 1], [8, 0, 0, 0]][:batch], dtype=torch.int32) if transform else None
+    got = vpfast.ops.compose(images, prompt, inner_size=6, fill=0.5, transform=rows)
+    expected = compose_reference(images.contiguous(), prompt, None, None, None, rows, Layout(8, 6, 1, 1), 0.5)
     assert rel_err(got, expected) < 1e-5
 
 
