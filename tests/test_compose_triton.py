@@ -193,6 +193,7 @@ def test_canvas_wider_than_a_tile():
     One sample: the interpreter runs the ~130 programs one by one (the transform paths took 15 min)."""
     case = Case(batch=1, size=260, inner=200, height=9, width=7, dtype=torch.uint8)
     check_forward(case, "cpu", seed=21)
+    check_forward(case.but(batch=2, transform=True, out_dtype=torch.bfloat16), "cpu", seed=22)  # 2 column runs
     check_backward(case, "cpu", 24, "prompt", "sample_l1", torch.bfloat16, "channels_last")
 
 
