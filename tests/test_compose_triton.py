@@ -137,6 +137,19 @@ def test_launch_plan_covers_any_batch_within_grid_limits(batch):
     launches = kernels.backward_launches(out, None, vec, None, "pixel", "prompt", "sample_l2", _meta((batch, tiles)),
                                          _meta((batch,)), _meta((chunks, 3, 224, 224)), programs_wanted=10**9)
     assert all(max(launch.grid) <= 2**31 - 1 and launch.grid[1] <= kernels.MAX_GRID_Y for launch in launches)
+    # with the per-sample transform: its taps table, its one-warp forward and the backward's adjoint table
+    rows = _meta((batch, 4), dtype=torch.int32)
+    plan = kernels.transform_taps_plan(images.shape, 224, 164, "bilinear", False, torch.bfloat16)
+    taps = _meta(plan.shape)
+    launches = [kernels.transform_taps_launch(images, rows, 224, 164, 30, 30, "bilinear", False, taps, plan,
+                                              programs_wanted=10**9),
+                kernels.forward_launch(images, vec, vec, taps, 164, 30, 30, 0.0, "bilinear", False, term, out,
+                                       programs_wanted=10**9)]
+    launches += kernels.backward_launches(out, None, vec, rows, "pixel", "prompt", "sample_l2", _meta((batch, tiles)),
+                                          _meta((batch,)), _meta((chunks, 3, 224, 224)),
+                                          _meta(kernels.adjoint_table_shape(batch, 224)), programs_wanted=10**9)
+    assert all(launch.grid[1] == min(batch, kernels.MAX_GRID_Y) for launch in launches[:3])
+    assert all(launch.args[launch.kernel.arg_names.index("B")] == batch for launch in launches)
 
 
 def test_offsets_are_64_bit_only_when_a_sample_spans_2_31_elements():
