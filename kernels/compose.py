@@ -48,13 +48,15 @@ TRANSFORM_TAPS = 2  # resized rows/columns that read a canvas row/column (S/size
 # and per sample (over 8 bf16 or 4 float32 pixels per thread, 3 channels) the row's scalars, the columns' table
 # loads and the column weights per channel: about 100 for u8 -> bf16 and 72 for f32 -> f32 (sm_90); the budget
 # leaves 10 %. Backward, per element and channel: 2 x 2 gathers (clamped coordinates, 64-bit address, load,
-# convert, multiply-add), the row and column weights, and per sample the adjoint table's vector loads: about 44.
+# convert, multiply-add), the row and column weights, and per sample the adjoint table's vector loads: 37-38
+# for the accumulation, 32-33 for the norm pass (sm_80 / sm_90); the budget leaves 10 %.
 FORWARD_TRANSFORM_BUDGET = 110
-BACKWARD_TRANSFORM_BUDGET = 50
+BACKWARD_TRANSFORM_BUDGET = 42
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
-# contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
-# source coordinate near 200 (1.5e-5) times a jump of ~10 between neighbouring normalized pixels moved the
-# output by 5e-5 of its range on an H100 before this.
+# contraction (enable_fp_fusion=False) in the two kernels that compute them (the forward's taps table and the
+# backward's adjoint table); the kernels that read the tables only multiply and add. A resized canvas is
+# ill-conditioned in its coordinates: one ulp of a source coordinate near 200 (1.5e-5) times a jump of ~10
+# between neighbouring normalized pixels moved the output by 5e-5 of its range on an H100 before this.
 
 
 def tile_shape(size: int, pixels: int = TILE) -> tuple[int, int]:
@@ -722,8 +724,7 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     use_std = std is not None and prompt_space == "pixel"
     common = dict(C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KT=TRANSFORM_TAPS,
                   HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None,
-                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS,
-                  enable_fp_fusion=transform is None)
+                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS)
     pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform,
                 dummy if transform is None else table)
     launches = []
@@ -732,7 +733,8 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
         blocks = triton.cdiv(padded, block)
         launches.append(Launch(
             _adjoint_table_kernel, (blocks, batch_programs(batch, blocks, wanted)),
-            (table, transform, size, batch, padded), dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS),
+            (table, transform, size, batch, padded),
+            dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS, enable_fp_fusion=False),
         ))
     if grad_norm != "none":
         launches.append(Launch(
