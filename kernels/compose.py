@@ -278,9 +278,10 @@ def _transform_taps_kernel(
     KCW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr, X_BICUBIC: tl.constexpr, X_AA: tl.constexpr,
 ):
     """The per-sample transform's taps, separable: for sample b, axis a (0: rows, 1: columns) and output index o,
-    F float32 fields at tab[b, a, field, o]: the first image index lo of the KC image slots, the term's canvas
-    index q (its window is q, q + 1), whether o lies in the sample's box, the term weights of q and q + 1, and
-    the KC image weights (corner weight x image tap weight, summed per slot). Coordinates round as ATen's float32
+    F float32 fields at tab[b, a, field, o]: the first image index lo of the KC image slots and the term's canvas
+    index q (its window is q, q + 1), both int32 bits, whether o lies in the sample's box, the term weights of q
+    and q + 1, and the KC image weights (corner weight x image tap weight, summed per slot; an axis with fewer
+    slots than F - 5 leaves the rest unused). Coordinates round as ATen's float32
     ones (IEEE division for S / size, no FMA contraction), so the forward kernel only multiplies and adds.
     """
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
