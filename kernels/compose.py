@@ -8,10 +8,12 @@ inside a sample, and the per-channel gain. A 64-bit base pointer per sample and 
 the batch and channel offsets; offsets inside a sample are 32-bit unless a sample spans 2**31
 elements (WIDE). The batch-invariant part of the output (prompt, mask, fill, mean and std) is one
 (C, S, S) term computed once per call by ``_compose_term_kernel``; tiles that lie wholly in the
-frame copy it without reading the image. With the per-sample transform, the corner and image taps
-multiply per row and per column. Backward: the prompt gradient in one pass over the incoming
-gradient (two for the per-sample norms), accumulated in float32; the transform's adjoint reads
-3 x 3 candidates per pixel from a per-sample table. Interpolation follows ATen's float32 formulas
+frame copy it without reading the image. With the per-sample transform, separable: a per-sample table
+holds each output row's and column's image slots and weights through both resizes (the canvas's bilinear
+corners times the image taps) and the term's window, and a one-warp program per canvas row run gathers
+them. Backward: the prompt gradient in one pass over the incoming gradient (two for the per-sample
+norms), accumulated in float32; the transform's adjoint gathers the 2 x 2 resized pixels that read each
+canvas pixel, from a per-sample table. Interpolation follows ATen's float32 formulas
 (align_corners=False), the antialiased ones included. The aot tier (vpfast/aot.py) holds each
 loop over the batch to a budget of SASS instructions per output element (the *_BUDGET constants).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,15 +39,24 @@ MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 # SASS instructions per output element allowed in the aot tier (aot.py, sass_per_output), per loop over the batch
 FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, gain and term
 FORWARD_FRAME_BUDGET = 6  # tiles wholly in the frame: the term, converted and stored
-FORWARD_TRANSFORM_BUDGET = 220
 BACKWARD_ACCUM_BUDGET = 5  # 1 128-bit load per 8 bf16 elements, 1 convert and 1 add (or FMA) each, loop control
 BACKWARD_NORM_BUDGET = 12  # all channels per sample and the sum over the tile (shuffles, shared memory) per sample
-BACKWARD_TRANSFORM_BUDGET = 110
-TRANSFORM_TAPS = 3  # candidate rows/columns per pre-transform pixel in the adjoint (covers S/size >= 1)
+TRANSFORM_TAPS = 2  # resized rows/columns that read a canvas row/column (S/size >= 1: at most 2)
+# The per-sample transform (the design's counts, EVP geometry 224 -> 164 from 224 px: 4 x 4 image slots):
+# forward, per output element: 16 gathers (load, convert, multiply-add, a pointer step per slot row), the term's
+# 2 x 2 window (4 loads with immediate offsets, 6 weight operations), gain, select, convert and the 128-bit store,
+# and per sample (over 8 bf16 or 4 float32 pixels per thread, 3 channels) the row's scalars, the columns' table
+# loads and the column weights per channel: about 100 for u8 -> bf16 and 72 for f32 -> f32 (sm_90); the budget
+# leaves 10 %. Backward, per element and channel: 2 x 2 gathers (clamped coordinates, 64-bit address, load,
+# convert, multiply-add), the row and column weights, and per sample the adjoint table's vector loads: 37-38
+# for the accumulation, 32-33 for the norm pass (sm_80 / sm_90); the budget leaves 10 %.
+FORWARD_TRANSFORM_BUDGET = 110
+BACKWARD_TRANSFORM_BUDGET = 42
 # With the transform, coordinates round as ATen's float32 ones do: IEEE division for S / size and no FMA
-# contraction (enable_fp_fusion=False). A resized canvas is ill-conditioned in its coordinates: one ulp of a
-# source coordinate near 200 (1.5e-5) times a jump of ~10 between neighbouring normalized pixels moved the
-# output by 5e-5 of its range on an H100 before this.
+# contraction (enable_fp_fusion=False) in the two kernels that compute them (the forward's taps table and the
+# backward's adjoint table); the kernels that read the tables only multiply and add. A resized canvas is
+# ill-conditioned in its coordinates: one ulp of a source coordinate near 200 (1.5e-5) times a jump of ~10
+# between neighbouring normalized pixels moved the output by 5e-5 of its range on an H100 before this.
 
 
 def tile_shape(size: int, pixels: int = TILE) -> tuple[int, int]:
@@ -217,105 +229,179 @@ def _canvas_value(
 
 
 @triton.jit
-def _transformed_value(
-    xc_ptr, term_c_ptr, gain, ry, rx, flip, scale_t, sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w,
-    KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
-    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, WIDE: tl.constexpr,
+def _axis_taps(tab, o, valid, t, size, S, scale_t, s, off, in_size, scale_in, flip, SP,
+               K: tl.constexpr, KC: tl.constexpr, BICUBIC: tl.constexpr, AA: tl.constexpr):
+    """One axis of one sample's transform taps at output indices ``o`` (fields: docstring of the caller).
+
+    The two bilinear corners p0 <= p1 <= p0 + 1 of the per-sample resize give the term's window (q, q + 1);
+    their image taps (mirrored with ``flip``) fall in KC consecutive image indices from ``lo``, so each slot's
+    weight is the sum of corner weight x image weight over the taps that read it (scattered in place: each
+    index ``o`` belongs to one thread).
+    """
+    r = o - t
+    inside = (r >= 0) & (r < size) & (o < S)
+    p0, w0 = _tap(r, 0, S, scale_t, False, False)
+    p1, w1 = _tap(r, 1, S, scale_t, False, False)
+    w0 = tl.where(inside, w0, 0.0)
+    w1 = tl.where(inside, w1, 0.0)
+    q = tl.minimum(p0, S - 2)  # S >= 2
+    tl.store(tab + SP + o, q.to(tl.float32, bitcast=True), mask=valid)
+    tl.store(tab + 2 * SP + o, inside.to(tl.float32), mask=valid)
+    tl.store(tab + 3 * SP + o, tl.where(p0 == q, w0, 0.0) + tl.where(p1 == q, w1, 0.0), mask=valid)
+    tl.store(tab + 4 * SP + o, tl.where(p0 == q + 1, w0, 0.0) + tl.where(p1 == q + 1, w1, 0.0), mask=valid)
+    j0 = p0 - off  # the inner image's index of each corner, mirrored for the image flip (off the image stays off)
+    j1 = p1 - off
+    j0 = tl.where(flip != 0, s - 1 - j0, j0)
+    j1 = tl.where(flip != 0, s - 1 - j1, j1)
+    lo = tl.full(o.shape, in_size, tl.int32)
+    for k in tl.static_range(K):
+        i0, _ = _image_tap(j0, k, s, in_size, scale_in, K, BICUBIC, AA)
+        i1, _ = _image_tap(j1, k, s, in_size, scale_in, K, BICUBIC, AA)
+        lo = tl.minimum(lo, tl.minimum(i0, i1))
+    lo = tl.minimum(lo, in_size - KC)  # KC <= in_size: every slot lies on the image
+    tl.store(tab + o, lo.to(tl.float32, bitcast=True), mask=valid)
+    for k in tl.static_range(KC):
+        tl.store(tab + (5 + k) * SP + o, tl.zeros(o.shape, tl.float32), mask=valid)
+    for k in tl.static_range(K):  # i - lo < KC (_slots); the bound only keeps a wrong KC from writing elsewhere
+        i0, wi0 = _image_tap(j0, k, s, in_size, scale_in, K, BICUBIC, AA)
+        slot = tab + (5 + tl.minimum(i0 - lo, KC - 1)) * SP + o
+        tl.store(slot, tl.load(slot, mask=valid, other=0.0) + w0 * wi0, mask=valid)
+        i1, wi1 = _image_tap(j1, k, s, in_size, scale_in, K, BICUBIC, AA)
+        slot = tab + (5 + tl.minimum(i1 - lo, KC - 1)) * SP + o
+        tl.store(slot, tl.load(slot, mask=valid, other=0.0) + w1 * wi1, mask=valid)
+
+
+@triton.jit
+def _transform_taps_kernel(
+    tab_ptr, t_ptr, B, S, s, oy, ox, H, W, scale_h, scale_w, SP,
+    F: tl.constexpr, BLOCK: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KCH: tl.constexpr,
+    KCW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr, X_BICUBIC: tl.constexpr, X_AA: tl.constexpr,
 ):
-    """One channel after the per-sample transform at resized rows ry x columns rx: the bilinear corners of the
-    canvas, each the image's taps times gain plus the term, flattened into products of per-row and per-column
-    weights (the corner's times the image tap's), so every tap is computed once per row or column. With ``flip``
-    the image's column taps are those of the mirrored inner column (the image flip; the term is not mirrored)."""
-    term = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
-    for cy in tl.static_range(2):
-        py, wy = _tap(ry, cy, S, scale_t, False, False)
-        for cx in tl.static_range(2):
-            px, wx = _tap(rx, cx, S, scale_t, False, False)
-            term += (wy[:, None] * wx[None, :]) * tl.load(term_c_ptr + py[:, None] * S + px[None, :])
-    image = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
-    for cy in tl.static_range(2):
-        py, wy = _tap(ry, cy, S, scale_t, False, False)
-        for ky in tl.range(KH, loop_unroll_factor=KH if KH <= 4 else 1):
-            iy, wiy = _image_tap(py - oy, ky, s, H, scale_h, KH, Y_BICUBIC, Y_AA)
-            row = tl.zeros([ry.shape[0], rx.shape[0]], tl.float32)
-            for cx in tl.static_range(2):
-                px, wx = _tap(rx, cx, S, scale_t, False, False)
-                jx = px - ox  # the inner image's column, mirrored for the image flip (off the image stays off it)
-                jx = tl.where(flip != 0, s - 1 - jx, jx)
-                for kx in tl.range(KW, loop_unroll_factor=KW if KW <= 4 else 1):
-                    ix, wix = _image_tap(jx, kx, s, W, scale_w, KW, X_BICUBIC, X_AA)
-                    v = tl.load(xc_ptr + _offsets(iy, sxh, ix, sxw, WIDE))
-                    row += (wx * wix)[None, :] * v.to(tl.float32)
-            image += (wy * wiy)[:, None] * row
-    return image * gain + term
+    """The per-sample transform's taps, separable: for sample b, axis a (0: rows, 1: columns) and output index o,
+    F float32 fields at tab[b, a, field, o]: the first image index lo of the KC image slots and the term's canvas
+    index q (its window is q, q + 1), both int32 bits, whether o lies in the sample's box, the term weights of q
+    and q + 1, and the KC image weights (corner weight x image tap weight, summed per slot; an axis with fewer
+    slots than F - 5 leaves the rest unused). Coordinates round as ATen's float32
+    ones (IEEE division for S / size, no FMA contraction), so the forward kernel only multiplies and adds.
+    """
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = o < SP
+    for b in tl.range(tl.program_id(1), B, tl.num_programs(1), loop_unroll_factor=1):
+        size = tl.load(t_ptr + b * 4)
+        scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
+        tab = tab_ptr + tl.cast(b, tl.int64) * (2 * F) * SP
+        _axis_taps(tab, o, valid, tl.load(t_ptr + b * 4 + 1), size, S, scale_t, s, oy, H, scale_h, 0, SP, KH, KCH,
+                   Y_BICUBIC, Y_AA)
+        _axis_taps(tab + F * SP, o, valid, tl.load(t_ptr + b * 4 + 2), size, S, scale_t, s, ox, W, scale_w,
+                   tl.load(t_ptr + b * 4 + 3), SP, KW, KCW, X_BICUBIC, X_AA)
+
+
+@triton.jit
+def _compose_transform_fwd_kernel(
+    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, taps_ptr,
+    B, sxb, sxc, sxh, sxw, sob, soc, soh, sow, fill, n_col_tiles, SP,
+    S: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BW: tl.constexpr, KCH: tl.constexpr, KCW: tl.constexpr,
+    F: tl.constexpr, UINT8: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The forward with the per-sample transform, separable: a program owns one run of BW columns of one canvas
+    row and loops over its share of the batch. Per sample, the row's data (image slots, the term's rows and
+    their weights) are scalars and the columns' come once from the taps table (_transform_taps_kernel); each
+    output is its KCH x KCW image slots weighted by row x column weights, times gain, plus the term's 2 x 2
+    window, or the normalized fill outside the sample's box; a row outside the box is fill only. Gathers read
+    one 64-bit pointer per pixel plus a row step, so a unit column stride folds into the load's offset; the
+    canvas size is a constant, so the term's window and channels are offsets of one pointer too."""
+    tile = tl.program_id(0)
+    row = tile // n_col_tiles
+    X = tl.max_contiguous(tl.multiple_of((tile % n_col_tiles) * BW + tl.arange(0, BW), BW), BW)
+    valid = X < S
+    cidx = tl.arange(0, CP)
+    cmask = cidx < C
+    mean = _per_channel(mean_ptr, cidx, cmask, HAS_MEAN, 0.0)
+    std = _per_channel(std_ptr, cidx, cmask, HAS_STD, 1.0)
+    gain = (1.0 / 255.0 if UINT8 else 1.0) / std
+    background = (fill - mean) / std
+    out_offs = X.to(tl.int64) * sow if WIDE else X * sow
+    for b in tl.range(tl.program_id(1), B, tl.num_programs(1), loop_unroll_factor=1):
+        ytab = taps_ptr + tl.cast(b, tl.int64) * (2 * F) * SP + row
+        xtab = taps_ptr + tl.cast(b, tl.int64) * (2 * F) * SP + F * SP + X
+        ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(row, tl.int64) * soh
+        if tl.load(ytab + 2 * SP) != 0.0:
+            r_lo = tl.load(ytab).to(tl.int32, bitcast=True)
+            r_q = tl.load(ytab + SP).to(tl.int32, bitcast=True)
+            r_t0 = tl.load(ytab + 3 * SP)
+            r_t1 = tl.load(ytab + 4 * SP)
+            c_lo = tl.load(xtab).to(tl.int32, bitcast=True)
+            term = term_ptr + (r_q * S + tl.load(xtab + SP).to(tl.int32, bitcast=True))
+            c_in = tl.load(xtab + 2 * SP) != 0.0
+            c_t0 = tl.load(xtab + 3 * SP)
+            c_t1 = tl.load(xtab + 4 * SP)
+            if WIDE:
+                image_offs = tl.cast(r_lo, tl.int64) * sxh + c_lo.to(tl.int64) * sxw
+            else:
+                image_offs = r_lo * sxh + c_lo * sxw
+            for c in tl.static_range(C):
+                pixel = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c + image_offs
+                image = tl.zeros([BW], tl.float32)
+                for ky in tl.range(KCH, loop_unroll_factor=1):  # rolled: KCW x 8 gathers in flight per thread
+                    row_sum = tl.zeros([BW], tl.float32)
+                    row_ptr = pixel + ky * sxh  # a unit column stride folds into the loads' offsets
+                    for kx in tl.static_range(KCW):
+                        v = tl.load(row_ptr + kx * sxw)
+                        row_sum += tl.load(xtab + (5 + kx) * SP) * v.to(tl.float32)
+                    image += tl.load(ytab + (5 + ky) * SP) * row_sum
+                tc = term + c * S * S  # the term's window: q and q + 1 on both axes (S >= 2)
+                t = (r_t0 * (c_t0 * tl.load(tc) + c_t1 * tl.load(tc + 1))
+                     + r_t1 * (c_t0 * tl.load(tc + S) + c_t1 * tl.load(tc + S + 1)))
+                y = tl.where(c_in, image * _channel(gain, cidx, c) + t, _channel(background, cidx, c))
+                tl.store(ob + tl.cast(soc, tl.int64) * c + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
+        else:
+            for c in tl.static_range(C):
+                y = tl.full([BW], _channel(background, cidx, c), tl.float32)
+                tl.store(ob + tl.cast(soc, tl.int64) * c + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _compose_fwd_kernel(
-    out_ptr, x_ptr, term_ptr, mean_ptr, std_ptr, t_ptr, f_ptr,
+    out_ptr, x_ptr, term_ptr, std_ptr, f_ptr,
     B, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-    H, W, S, s, oy, ox, scale_h, scale_w, fill, n_col_tiles, channels,
+    H, W, S, s, oy, ox, scale_h, scale_w, n_col_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, Y_BICUBIC: tl.constexpr, Y_AA: tl.constexpr,
-    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr,
-    HAS_MEAN: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_FLIP: tl.constexpr,
-    WIDE: tl.constexpr,
+    X_BICUBIC: tl.constexpr, X_AA: tl.constexpr, UINT8: tl.constexpr, HAS_STD: tl.constexpr,
+    HAS_FLIP: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Samples program_id(1), program_id(1) + num_programs(1), ... of one canvas tile: image * gain + term.
     With HAS_FLIP (no transform) a flagged sample is read through its mirror image (column W - 1 - i for i,
     a negative column stride): resizing commutes with the mirror, so the taps and weights stay the unflipped ones."""
     r0, c0, Y, X, valid = _tile(S, n_col_tiles, ROWS, BW)
     cidx = tl.arange(0, CP)
-    cmask = cidx < C
-    mean = _per_channel(mean_ptr, cidx, cmask, HAS_MEAN, 0.0)
-    std = _per_channel(std_ptr, cidx, cmask, HAS_STD, 1.0)
+    std = _per_channel(std_ptr, cidx, cidx < C, HAS_STD, 1.0)
     gain = (1.0 / 255.0 if UINT8 else 1.0) / std
     out_offs = _offsets(Y, soh, X, sow, WIDE)
     first = tl.program_id(1)
     step = tl.num_programs(1)
-    if HAS_TRANSFORM:
-        background = (fill - mean) / std
+    if (r0 < oy + s) & (r0 + ROWS > oy) & (c0 < ox + s) & (c0 + BW > ox):
         for b in tl.range(first, B, step, loop_unroll_factor=1):
-            size = tl.load(t_ptr + b * 4)
-            ty = tl.load(t_ptr + b * 4 + 1)
-            tx = tl.load(t_ptr + b * 4 + 2)
-            flip = tl.load(t_ptr + b * 4 + 3)
-            scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
-            ry = Y - ty
-            rx = X - tx
-            placed = ((ry >= 0) & (ry < size))[:, None] & ((rx >= 0) & (rx < size))[None, :]
-            for c in tl.range(channels, loop_unroll_factor=1):  # a runtime count keeps it rolled: the taps
-                # stay in registers across the channels instead of three unrolled copies
-                xc = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(sxc, tl.int64) * c
-                y = _transformed_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), ry, rx, flip, scale_t,
-                                       sxh, sxw, H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
-                                       X_BICUBIC, X_AA, WIDE)
-                y = tl.where(placed, y, _channel(background, cidx, c))
+            xb = x_ptr + tl.cast(b, tl.int64) * sxb
+            sw = sxw
+            if HAS_FLIP:  # the mirror image: starts at the last column, steps back
+                flagged = tl.load(f_ptr + b) != 0
+                xb += tl.where(flagged, tl.cast(W - 1, tl.int64) * sxw, 0)
+                sw = tl.where(flagged, -sxw, sxw)
+            for c in tl.static_range(C):
+                xc = xb + tl.cast(sxc, tl.int64) * c
+                y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sw,
+                                  H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
+                                  X_BICUBIC, X_AA, WIDE)
                 ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
                 tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
-    else:
-        if (r0 < oy + s) & (r0 + ROWS > oy) & (c0 < ox + s) & (c0 + BW > ox):
-            for b in tl.range(first, B, step, loop_unroll_factor=1):
-                xb = x_ptr + tl.cast(b, tl.int64) * sxb
-                sw = sxw
-                if HAS_FLIP:  # the mirror image: starts at the last column, steps back
-                    flagged = tl.load(f_ptr + b) != 0
-                    xb += tl.where(flagged, tl.cast(W - 1, tl.int64) * sxw, 0)
-                    sw = tl.where(flagged, -sxw, sxw)
-                for c in tl.static_range(C):
-                    xc = xb + tl.cast(sxc, tl.int64) * c
-                    y = _canvas_value(xc, term_ptr + c * S * S, _channel(gain, cidx, c), Y, X, sxh, sw,
-                                      H, W, S, s, oy, ox, scale_h, scale_w, KH, KW, Y_BICUBIC, Y_AA,
-                                      X_BICUBIC, X_AA, WIDE)
-                    ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
-                    tl.store(ob + out_offs, y.to(out_ptr.dtype.element_ty), mask=valid)
-        else:  # a tile wholly in the frame: the term alone
-            term_offs = Y[:, None] * S + X[None, :]
-            for b in tl.range(first, B, step, loop_unroll_factor=1):
-                for c in tl.static_range(C):
-                    term = tl.load(term_ptr + c * S * S + term_offs, mask=valid, other=0.0)
-                    ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
-                    tl.store(ob + out_offs, term.to(out_ptr.dtype.element_ty), mask=valid)
+    else:  # a tile wholly in the frame: the term alone
+        term_offs = Y[:, None] * S + X[None, :]
+        for b in tl.range(first, B, step, loop_unroll_factor=1):
+            for c in tl.static_range(C):
+                term = tl.load(term_ptr + c * S * S + term_offs, mask=valid, other=0.0)
+                ob = out_ptr + tl.cast(b, tl.int64) * sob + tl.cast(soc, tl.int64) * c
+                tl.store(ob + out_offs, term.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 # --------------------------------------------------------------------------- backward
@@ -331,50 +417,56 @@ def _transform_weight(q, r, size, S, scale):
 
 
 @triton.jit
-def _adjoint_table_kernel(a_ptr, t_ptr, S, B, BLOCK: tl.constexpr, KT: tl.constexpr):
+def _adjoint_table_kernel(a_ptr, t_ptr, S, B, SP, BLOCK: tl.constexpr, KT: tl.constexpr):
     """Per sample and canvas index q, the adjoint of the per-sample resize along one axis: the first resized
-    index r0 that may read q and the weights with which r0, ..., r0 + KT - 1 read it, as KT + 1 floats.
+    index r0 that reads q (int32 bits) and the weights with which r0 and r0 + 1 read it: KT + 1 = 3 fields of
+    SP floats per sample (field-major, so a tile's columns load as vectors; indices past S have weight 0).
 
-    Resized index r reads q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5), inv = size / S <= 1.
+    Resized index r reads q when r is in [(q - 0.5) * inv - 0.5, (q + 1.5) * inv - 0.5), inv = size / S <= 1;
+    the first tap's index strictly increases with r (a step of S / size >= 1), so at most two consecutive r
+    read q: lo = floor of the interval's start, or lo + 1 when lo does not read q.
     """
     q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = q < S
+    valid = q < SP
     for b in tl.range(tl.program_id(1), B, tl.num_programs(1), loop_unroll_factor=1):
         size = tl.load(t_ptr + b * 4)
         scale_t = tl.math.div_rn(S.to(tl.float32), size.to(tl.float32))
         inv = size.to(tl.float32) / S.to(tl.float32)
         lo = tl.floor((q.to(tl.float32) - 0.5) * inv - 0.5).to(tl.int32)
-        row = a_ptr + (tl.cast(b, tl.int64) * S + q) * (KT + 1)
-        tl.store(row, lo.to(tl.float32), mask=valid)
-        for j in tl.static_range(KT):
-            tl.store(row + 1 + j, _transform_weight(q, lo + j, size, S, scale_t), mask=valid)
+        w0 = _transform_weight(q, lo, size, S, scale_t)
+        w1 = _transform_weight(q, lo + 1, size, S, scale_t)
+        w2 = _transform_weight(q, lo + 2, size, S, scale_t)
+        shift = w0 == 0.0
+        fields = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + q
+        tl.store(fields, (lo + shift.to(tl.int32)).to(tl.float32, bitcast=True), mask=valid)
+        tl.store(fields + SP, tl.where(shift, w1, w0), mask=valid)
+        tl.store(fields + 2 * SP, tl.where(shift, w2, w1), mask=valid)
 
 
 @triton.jit
 def _sample_grad(
-    gc_ptr, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S,
+    gc_ptr, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP,
     HAS_TRANSFORM: tl.constexpr, KT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One channel of sample b's gradient with respect to the canvas before the transform, on the tile."""
+    """One channel of sample b's gradient with respect to the canvas before the transform, on the tile: with the
+    transform, a gather of the KT x KT resized pixels that read each canvas pixel (the adjoint table's rows and
+    columns), from clamped coordinates with weight 0 where none reads it."""
     if HAS_TRANSFORM:
         ty = tl.load(t_ptr + b * 4 + 1)
         tx = tl.load(t_ptr + b * 4 + 2)
-        qx = tl.minimum(X, S - 1)  # the flip mirrors the image only: the prompt gradient does not see it
-        ya = a_ptr + (tl.cast(b, tl.int64) * S + tl.minimum(Y, S - 1)) * (KT + 1)
-        xa = a_ptr + (tl.cast(b, tl.int64) * S + qx) * (KT + 1)
-        ylo = tl.load(ya).to(tl.int32)
-        xlo = tl.load(xa).to(tl.int32)
+        ya = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + Y  # the flip mirrors the image only: the prompt
+        xa = a_ptr + tl.cast(b, tl.int64) * (KT + 1) * SP + X  # gradient does not see it
+        gy0 = ty + tl.load(ya).to(tl.int32, bitcast=True)
+        gx0 = tx + tl.load(xa).to(tl.int32, bitcast=True)
         acc = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
-        for jy in tl.range(KT, loop_unroll_factor=1):  # rolled: fewer registers, the column weights stay
-            wy = tl.where(Y < S, tl.load(ya + 1 + jy), 0.0)
-            gy = tl.minimum(tl.maximum(ty + ylo + jy, 0), S - 1)
+        for jy in tl.static_range(KT):
+            gy = tl.minimum(tl.maximum(gy0 + jy, 0), S - 1)
             row = tl.zeros([Y.shape[0], X.shape[0]], tl.float32)
             for jx in tl.static_range(KT):
-                wx = tl.where(X < S, tl.load(xa + 1 + jx), 0.0)
-                gx = tl.minimum(tl.maximum(tx + xlo + jx, 0), S - 1)
+                gx = tl.minimum(tl.maximum(gx0 + jx, 0), S - 1)
                 v = tl.load(gc_ptr + _offsets(gy, sgh, gx, sgw, WIDE))
-                row += wx[None, :] * v.to(tl.float32)
-            acc += wy[:, None] * row
+                row += tl.load(xa + (1 + jx) * SP)[None, :] * v.to(tl.float32)
+            acc += tl.load(ya + (1 + jy) * SP)[:, None] * row
     else:
         acc = tl.load(gc_ptr + _offsets(Y, sgh, X, sgw, WIDE), mask=valid, other=0.0).to(tl.float32)
     return acc
@@ -394,7 +486,7 @@ def _grad_scale(m_ptr, Y, X, valid, std, cidx, c: tl.constexpr, S, HAS_MASK: tl.
 
 @triton.jit
 def _compose_bwd_norm_kernel(
-    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, n_col_tiles, n_tiles,
+    part_ptr, go_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, SP, B, n_col_tiles, n_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, L2: tl.constexpr,
     WIDE: tl.constexpr,
@@ -407,7 +499,7 @@ def _compose_bwd_norm_kernel(
         part = 0.0
         for c in tl.static_range(C):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP, HAS_TRANSFORM, KT, WIDE)
             g = g * _grad_scale(m_ptr, Y, X, valid, std, cidx, c, S, HAS_MASK, HAS_STD)
             part += tl.sum(tl.sum(g * g if L2 else tl.abs(g), axis=1), axis=0)
         tl.store(part_ptr + tl.cast(b, tl.int64) * n_tiles + tl.program_id(0), part)
@@ -415,7 +507,8 @@ def _compose_bwd_norm_kernel(
 
 @triton.jit
 def _compose_bwd_accum_kernel(
-    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, B, per_chunk, n_col_tiles,
+    part_ptr, go_ptr, coef_ptr, m_ptr, std_ptr, t_ptr, a_ptr, sgb, sgc, sgh, sgw, S, SP, B, per_chunk,
+    n_col_tiles,
     C: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, KT: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_STD: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_COEF: tl.constexpr,
     WIDE: tl.constexpr,
@@ -432,7 +525,7 @@ def _compose_bwd_accum_kernel(
         acc = tl.zeros([ROWS, BW], tl.float32)
         for b in tl.range(b_start, b_end, loop_unroll_factor=1):
             gc = go_ptr + tl.cast(b, tl.int64) * sgb + tl.cast(sgc, tl.int64) * c
-            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, HAS_TRANSFORM, KT, WIDE)
+            g = _sample_grad(gc, sgh, sgw, t_ptr, a_ptr, b, Y, X, valid, S, SP, HAS_TRANSFORM, KT, WIDE)
             if HAS_COEF:
                 g = g * tl.load(coef_ptr + b)
             acc += g
@@ -497,47 +590,118 @@ def term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term
     return Launch(_compose_term_kernel, (triton.cdiv(size * size, block),), args, constexprs)
 
 
-def forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term: torch.Tensor,
-                   out: torch.Tensor, programs_wanted: int | None = None, flip: torch.Tensor | None = None) -> Launch:
-    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``,
-    mirrored where ``flip`` ((B,) int32, no transform) is non-zero."""
-    batch, channels, height, width = images.shape
-    size = out.shape[-1]
+def _slots(in_size: int, inner: int, taps: int) -> int:
+    """Image indices that the two bilinear corners of one transform tap read along an axis: each corner's
+    ``taps``, the second's first tap at most ceil(in_size / inner) past the first's (adjacent canvas
+    indices, the resize's step); never more than the image has."""
+    return min(taps + math.ceil(in_size / inner), in_size)
+
+
+class TransformTaps(NamedTuple):
+    """The per-sample transform's taps table: (B, 2, fields, padded) float32, with the image slots per axis."""
+
+    shape: tuple[int, int, int, int]
+    slots_y: int
+    slots_x: int
+
+
+def transform_columns(size: int, out_dtype: torch.dtype) -> int:
+    """Columns of a program of the transform's forward: one warp, 16 bytes of output per thread (8 bf16 or
+    4 float32 on a 224 canvas: one 128-bit store each)."""
+    return min(triton.next_power_of_2(size), 32 * 16 // out_dtype.itemsize)
+
+
+def transform_taps_plan(images_shape, size: int, inner: int, mode: str, antialias: bool,
+                        out_dtype: torch.dtype) -> TransformTaps:
+    """The taps table of a transformed forward on an S = ``size`` canvas: indices padded to whole column runs."""
+    if size < 2:
+        raise ValueError(f"the per-sample transform needs a canvas of at least 2 x 2 (prompt size), got {size}")
+    batch, _, height, width = images_shape
+    columns = transform_columns(size, out_dtype)
+    slots_y = _slots(height, inner, _axis(height, inner, mode, antialias)[0])
+    slots_x = _slots(width, inner, _axis(width, inner, mode, antialias)[0])
+    return TransformTaps((batch, 2, 5 + max(slots_y, slots_x), triton.cdiv(size, columns) * columns), slots_y,
+                         slots_x)
+
+
+def transform_taps_launch(images, transform, size, inner, oy, ox, mode, antialias, taps: torch.Tensor,
+                          plan: TransformTaps, programs_wanted: int | None = None) -> Launch:
+    """The launch writing the per-sample transform's taps table ``taps`` (``plan.shape``) on an S = ``size``
+    canvas."""
+    batch, _, height, width = images.shape
     kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
     kw, x_bicubic, x_aa = _axis(width, inner, mode, antialias)
-    # fewer pixels per thread where the forward needs more registers per pixel: 2 with the per-sample transform
-    # (20 gathers per pixel and channel), 4 for strided per-element stores to a channels_last output
-    pixels = TILE // 4 if transform is not None else TILE // 2 if not out.is_contiguous() else TILE
-    rows, columns = tile_shape(size, pixels)
-    n_col_tiles = triton.cdiv(size, columns)
-    tiles = triton.cdiv(size, rows) * n_col_tiles
+    padded = plan.shape[-1]
+    block = min(256, triton.next_power_of_2(padded))
+    wanted = _programs_wanted(images.device) if programs_wanted is None else programs_wanted
+    blocks = triton.cdiv(padded, block)
+    return Launch(
+        _transform_taps_kernel, (blocks, batch_programs(batch, blocks, wanted)),
+        (taps, transform, batch, size, inner, oy, ox, height, width, height / inner, width / inner, padded),
+        dict(F=plan.shape[2], BLOCK=block, KH=kh, KW=kw, KCH=plan.slots_y, KCW=plan.slots_x, Y_BICUBIC=y_bicubic,
+             Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, num_warps=NUM_WARPS, enable_fp_fusion=False),
+    )
+
+
+def forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias, term: torch.Tensor,
+                   out: torch.Tensor, programs_wanted: int | None = None, flip: torch.Tensor | None = None) -> Launch:
+    """The launch writing ``out`` (B, C, S, S) = resized image * gain + ``term``; image resized to ``inner``,
+    mirrored where ``flip`` ((B,) int32, no transform) is non-zero; with ``taps`` (the per-sample transform's
+    table, ``transform_taps_plan``), the transformed canvas instead (its own kernel)."""
+    batch, channels, height, width = images.shape
+    size = out.shape[-1]
     wanted = _programs_wanted(out.device) if programs_wanted is None else programs_wanted
     dummy = _dummy(images)
+    common = dict(C=channels, CP=triton.next_power_of_2(channels), UINT8=images.dtype == torch.uint8,
+                  HAS_STD=std is not None,
+                  WIDE=_wide(_extent(images), _extent(out), channels * size * size))
+    if taps is not None:
+        plan = transform_taps_plan(images.shape, size, inner, mode, antialias, out.dtype)
+        if tuple(taps.shape) != plan.shape:
+            raise ValueError(f"taps must have shape {plan.shape} (transform_taps_plan), got {tuple(taps.shape)}")
+        columns = transform_columns(size, out.dtype)
+        n_col_tiles = triton.cdiv(size, columns)
+        tiles = size * n_col_tiles
+        args = (out, images, term, dummy if mean is None else mean, dummy if std is None else std, taps, batch,
+                *images.stride(), *out.stride(), float(fill), n_col_tiles, plan.shape[-1])
+        constexprs = dict(common, S=size, BW=columns, KCH=plan.slots_y, KCW=plan.slots_x, F=plan.shape[2],
+                          HAS_MEAN=mean is not None, num_warps=1)
+        # one warp per program: as many programs per SM as the plain kernel's warps
+        programs = batch_programs(batch, tiles, wanted * NUM_WARPS)
+        return Launch(_compose_transform_fwd_kernel, (tiles, programs), args, constexprs)
+    kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
+    kw, x_bicubic, x_aa = _axis(width, inner, mode, antialias)
+    # fewer pixels per thread for strided per-element stores to a channels_last output (registers)
+    rows, columns = tile_shape(size, TILE if out.is_contiguous() else TILE // 2)
+    n_col_tiles = triton.cdiv(size, columns)
+    tiles = triton.cdiv(size, rows) * n_col_tiles
     args = (
-        out, images, term, dummy if mean is None else mean, dummy if std is None else std,
-        dummy if transform is None else transform, dummy if flip is None else flip,
-        batch, *images.stride(), *out.stride(),
-        height, width, size, inner, oy, ox, height / inner, width / inner, float(fill), n_col_tiles, channels,
+        out, images, term, dummy if std is None else std, dummy if flip is None else flip, batch,
+        *images.stride(), *out.stride(),
+        height, width, size, inner, oy, ox, height / inner, width / inner, n_col_tiles,
     )
     constexprs = dict(
-        C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KH=kh, KW=kw,
-        Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, UINT8=images.dtype == torch.uint8,
-        HAS_MEAN=mean is not None, HAS_STD=std is not None, HAS_TRANSFORM=transform is not None,
-        HAS_FLIP=flip is not None, WIDE=_wide(_extent(images), _extent(out), channels * size * size),
-        num_warps=NUM_WARPS, enable_fp_fusion=transform is None,
+        common, ROWS=rows, BW=columns, KH=kh, KW=kw, Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic,
+        X_AA=x_aa, HAS_FLIP=flip is not None, num_warps=NUM_WARPS,
     )
     return Launch(_compose_fwd_kernel, (tiles, batch_programs(batch, tiles, wanted)), args, constexprs)
 
 
 def compose_forward(images, prompt, mask, mean, std, transform, inner, oy, ox, fill, mode, antialias, prompt_space,
                     out_dtype, memory_format, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the fused forward into a new (B, C, S, S) tensor of ``out_dtype`` and ``memory_format``."""
+    """Run the fused forward into a new (B, C, S, S) tensor of ``out_dtype`` and ``memory_format``; with
+    ``transform``, its taps table first (one small launch)."""
     channels, size, _ = prompt.shape
-    term = _empty((channels, size, size), dtype=torch.float32, device=images.device)
-    out = _empty((images.shape[0], channels, size, size), dtype=out_dtype, device=images.device,
-                 memory_format=memory_format)
+    device = images.device
+    term = _empty((channels, size, size), dtype=torch.float32, device=device)
+    out = _empty((images.shape[0], channels, size, size), dtype=out_dtype, device=device, memory_format=memory_format)
     term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term).run()
-    forward_launch(images, mean, std, transform, inner, oy, ox, fill, mode, antialias, term, out, flip=flip).run()
+    taps = None
+    if transform is not None:
+        plan = transform_taps_plan(images.shape, size, inner, mode, antialias, out_dtype)
+        taps = _empty(plan.shape, dtype=torch.float32, device=device)
+        transform_taps_launch(images, transform, size, inner, oy, ox, mode, antialias, taps, plan).run()
+    forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias, term, out, flip=flip).run()
     return out
 
 
@@ -548,9 +712,10 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     (when ``grad_norm`` asks) and the accumulation.
 
     ``norm_part`` is (B, tiles), ``accum_part`` (chunks, C, S, S), chunks <= min(B, MAX_GRID_Y), and
-    ``table`` (B, S, TRANSFORM_TAPS + 1) float32 with a transform.
+    ``table`` (``adjoint_table_shape``) float32 with a transform.
     """
     batch, channels, size, _ = grad_out.shape
+    padded = adjoint_table_shape(batch, size)[-1]
     rows, columns = tile_shape(size)
     n_col_tiles = triton.cdiv(size, columns)
     tiles = triton.cdiv(size, rows) * n_col_tiles
@@ -560,31 +725,38 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     use_std = std is not None and prompt_space == "pixel"
     common = dict(C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KT=TRANSFORM_TAPS,
                   HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None,
-                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS,
-                  enable_fp_fusion=transform is None)
+                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS)
     pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform,
                 dummy if transform is None else table)
     launches = []
     if transform is not None:
-        block = min(256, triton.next_power_of_2(size))
+        block = min(256, triton.next_power_of_2(padded))
+        blocks = triton.cdiv(padded, block)
         launches.append(Launch(
-            _adjoint_table_kernel, (triton.cdiv(size, block), batch_programs(batch, triton.cdiv(size, block), wanted)),
-            (table, transform, size, batch), dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS),
+            _adjoint_table_kernel, (blocks, batch_programs(batch, blocks, wanted)),
+            (table, transform, size, batch, padded),
+            dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS, enable_fp_fusion=False),
         ))
     if grad_norm != "none":
         launches.append(Launch(
             _compose_bwd_norm_kernel, (tiles, batch_programs(batch, tiles, wanted)),
-            (norm_part, grad_out, *pointers, *grad_out.stride(), size, batch, n_col_tiles, tiles),
+            (norm_part, grad_out, *pointers, *grad_out.stride(), size, padded, batch, n_col_tiles, tiles),
             dict(common, L2=grad_norm == "sample_l2"),
         ))
     n_chunks = accum_part.shape[0]
     launches.append(Launch(
         _compose_bwd_accum_kernel, (tiles, n_chunks),
-        (accum_part, grad_out, coef, *pointers, *grad_out.stride(), size, batch, triton.cdiv(batch, n_chunks),
-         n_col_tiles),
+        (accum_part, grad_out, coef, *pointers, *grad_out.stride(), size, padded, batch,
+         triton.cdiv(batch, n_chunks), n_col_tiles),
         dict(common, HAS_COEF=grad_norm != "none"),
     ))
     return launches
+
+
+def adjoint_table_shape(batch: int, size: int) -> tuple[int, int, int]:
+    """The backward's adjoint table: (B, TRANSFORM_TAPS + 1, S padded to whole tiles along both axes)."""
+    rows, columns = tile_shape(size)
+    return batch, TRANSFORM_TAPS + 1, max(triton.cdiv(size, rows) * rows, triton.cdiv(size, columns) * columns)
 
 
 def backward_chunks(batch: int, size: int, programs_wanted: int) -> int:
@@ -606,7 +778,7 @@ def compose_backward(grad_out, mask, std, transform, prompt_space, grad_region, 
     norm_part = _empty((batch, tiles), dtype=torch.float32, device=device)
     coef = _empty((batch,), dtype=torch.float32, device=device)
     accum_part = _empty((n_chunks, channels, size, size), dtype=torch.float32, device=device)
-    table = None if transform is None else _empty((batch, size, TRANSFORM_TAPS + 1), dtype=torch.float32,
+    table = None if transform is None else _empty(adjoint_table_shape(batch, size), dtype=torch.float32,
                                                   device=device)
     launches = backward_launches(grad_out, mask, std, transform, prompt_space, grad_region, grad_norm, norm_part,
                                  coef, accum_part, table)
@@ -644,7 +816,9 @@ def aot_cases(capability: int) -> list[AotCase]:
         return torch.empty(batch, 3, size, size, dtype=dtype, memory_format=memory_format)
 
     def fwd(images, transform, mode, antialias, o, inner_size=inner, offset=pad, flip=None):
-        return forward_launch(images, vec, vec, transform, inner_size, offset, offset, 0.0, mode, antialias, term, o,
+        table = None if transform is None else torch.empty(
+            transform_taps_plan(images.shape, size, inner_size, mode, antialias, o.dtype).shape)
+        return forward_launch(images, vec, vec, table, inner_size, offset, offset, 0.0, mode, antialias, term, o,
                               flip=flip)
 
     def accesses(bits: int) -> int:  # global accesses for `per_thread` contiguous elements of `bits` bits
@@ -657,10 +831,22 @@ def aot_cases(capability: int) -> list[AotCase]:
                                 FORWARD_IMAGE_BUDGET),
             "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
 
-    def transformed() -> dict:  # the row (4 ints), 3 x (4 corners x (4 image taps + term) + a store of 2 pixels)
-        pixels = per_thread // 4  # the transform's tile is a quarter as tall; its loop over channels is rolled
-        design = LoopDesign(3 * pixels, 4 + 3 * (4 * 5 * pixels + 1), FORWARD_TRANSFORM_BUDGET, inner_trips=3)
-        return dict(sass_paths={"transform": design})
+    def transformed(images, o) -> dict:  # one warp per canvas row run, 16 bytes of output per thread
+        plan = transform_taps_plan(images.shape, size, inner, "bilinear", False, o.dtype)
+        pixels = transform_columns(size, o.dtype) // 32
+        slots = plan.slots_y * plan.slots_x
+        if images.dtype == torch.uint8:  # counted by the 8-bit gathers: 3 x the image slots per pixel
+            design = LoopDesign(3 * pixels, 3 * slots * pixels, FORWARD_TRANSFORM_BUDGET, inner_trips=plan.slots_y,
+                                bits=8)
+        else:  # 32-bit: 3 x (the image slots + the term's 4) per pixel, the row's 5 fields, its weights per channel
+            design = LoopDesign(3 * pixels, 3 * (slots + 4) * pixels + 5 + 3 * plan.slots_y, FORWARD_TRANSFORM_BUDGET,
+                                inner_trips=plan.slots_y, bits=32)
+        return dict(min_store_bits=128, sass_paths={"transform": design})
+
+    def taps(images, o):  # the launch of the transform's taps table for fwd(images, t_rows, "bilinear", False, o)
+        plan = transform_taps_plan(images.shape, size, inner, "bilinear", False, o.dtype)
+        return transform_taps_launch(images, t_rows, size, inner, pad, pad, "bilinear", False, torch.empty(plan.shape),
+                                     plan)
 
     cases = [
         AotCase("term", term_launch(prompt, mask, vec, vec, inner, pad, pad, 0.0, "pixel", term), 128, 128),
@@ -676,10 +862,12 @@ def aot_cases(capability: int) -> list[AotCase]:
         AotCase("fwd f32->f32 bilinear flip", fwd(torch.empty(batch, 3, 224, 224), None, "bilinear", False,
                                                   out(torch.float32), flip=torch.empty(batch, dtype=torch.int32)),
                 **plain(32, flag=1)),
+        AotCase("fwd transform taps", taps(u8, out(torch.bfloat16))),
         AotCase("fwd u8->bf16 bilinear transform", fwd(u8, t_rows, "bilinear", False, out(torch.bfloat16)),
-                **transformed()),
+                **transformed(u8, out(torch.bfloat16))),
         AotCase("fwd f32->f32 bilinear transform", fwd(torch.empty(batch, 3, 224, 224), t_rows, "bilinear", False,
-                                                       out(torch.float32)), **transformed()),
+                                                       out(torch.float32)),
+                **transformed(torch.empty(batch, 3, 224, 224), out(torch.float32))),
         AotCase("fwd f32 crop->f32 bicubic-aa", fwd(crop, None, "bicubic", True, out(torch.float32)), 128),
         AotCase("fwd u8->bf16 channels_last", fwd(u8.contiguous(memory_format=torch.channels_last), None,
                                                   "bilinear", False, out(torch.bfloat16, torch.channels_last)),
@@ -693,7 +881,7 @@ def aot_cases(capability: int) -> list[AotCase]:
             for grad_norm in ("none", "sample_l2"):
                 launches = backward_launches(grad, mask, vec, transform, "pixel", "prompt", grad_norm,
                                              torch.empty(batch, 1), torch.empty(batch), torch.empty(1, 3, size, size),
-                                             torch.empty(batch, size, TRANSFORM_TAPS + 1))
+                                             torch.empty(adjoint_table_shape(batch, size)))
                 vector = grad_name == "bf16" and transform is None
                 if transform is not None and grad_norm == "none" and grad_name == "bf16":
                     cases.append(AotCase("bwd adjoint table", launches[0]))

@@ -89,10 +89,11 @@ def test_batch_loop_with_several_programs_per_tile(monkeypatch):
     check_backward(case.but(transform=True), "cpu", 6, "canvas", None, torch.bfloat16, "channels_last")
 
 
+@pytest.mark.parametrize("transform", [False, True])
 @pytest.mark.parametrize("dim", ["channel", "row"])
-def test_offsets_past_2_31_do_not_wrap(dim):
+def test_offsets_past_2_31_do_not_wrap(dim, transform):
     """A uint8 view whose channel (or row) offsets pass 2**31 elements: the storage is ~2.1 GB of virtual
-    memory, of which only the pages the view covers are touched."""
+    memory, of which only the pages the view covers are touched. The plain and the transformed forward."""
     import vpfast
     from compose_cases import rel_err
     from vpfast.ops.compose import Layout, compose_reference
@@ -107,8 +108,9 @@ def test_offsets_past_2_31_do_not_wrap(dim):
     images = storage.as_strided((batch, 3, height, width), strides)
     images.copy_(torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(7), dtype=torch.uint8))
     prompt = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(8))
-    got = vpfast.ops.compose(images, prompt, inner_size=6, fill=0.5)
-    expected = compose_reference(images.contiguous(), prompt, None, None, None, None, Layout(8, 6, 1, 1), 0.5)
+    rows = torch.tensor([[6, 1, 2, 1], [8, 0, 0, 0]][:batch], dtype=torch.int32) if transform else None
+    got = vpfast.ops.compose(images, prompt, inner_size=6, fill=0.5, transform=rows)
+    expected = compose_reference(images.contiguous(), prompt, None, None, None, rows, Layout(8, 6, 1, 1), 0.5)
     assert rel_err(got, expected) < 1e-5
 
 
@@ -128,13 +130,26 @@ def test_launch_plan_covers_any_batch_within_grid_limits(batch):
                                     programs_wanted=10**9)
     tiles, programs = launch.grid
     assert programs == min(batch, kernels.MAX_GRID_Y)
-    assert launch.args[7] == batch  # B: program p runs samples p, p + programs, ... < B
+    assert launch.args[5] == batch  # B: program p runs samples p, p + programs, ... < B
     chunks = kernels.backward_chunks(batch, 224, programs_wanted=10**9)
     per_chunk = triton.cdiv(batch, chunks)
     assert chunks <= kernels.MAX_GRID_Y and chunks * per_chunk >= batch and (chunks - 1) * per_chunk < batch
     launches = kernels.backward_launches(out, None, vec, None, "pixel", "prompt", "sample_l2", _meta((batch, tiles)),
                                          _meta((batch,)), _meta((chunks, 3, 224, 224)), programs_wanted=10**9)
     assert all(max(launch.grid) <= 2**31 - 1 and launch.grid[1] <= kernels.MAX_GRID_Y for launch in launches)
+    # with the per-sample transform: its taps table, its one-warp forward and the backward's adjoint table
+    rows = _meta((batch, 4), dtype=torch.int32)
+    plan = kernels.transform_taps_plan(images.shape, 224, 164, "bilinear", False, torch.bfloat16)
+    taps = _meta(plan.shape)
+    launches = [kernels.transform_taps_launch(images, rows, 224, 164, 30, 30, "bilinear", False, taps, plan,
+                                              programs_wanted=10**9),
+                kernels.forward_launch(images, vec, vec, taps, 164, 30, 30, 0.0, "bilinear", False, term, out,
+                                       programs_wanted=10**9)]
+    launches += kernels.backward_launches(out, None, vec, rows, "pixel", "prompt", "sample_l2", _meta((batch, tiles)),
+                                          _meta((batch,)), _meta((chunks, 3, 224, 224)),
+                                          _meta(kernels.adjoint_table_shape(batch, 224)), programs_wanted=10**9)
+    assert all(launch.grid[1] == min(batch, kernels.MAX_GRID_Y) for launch in launches[:3])
+    assert all(launch.args[launch.kernel.arg_names.index("B")] == batch for launch in launches)
 
 
 def test_offsets_are_64_bit_only_when_a_sample_spans_2_31_elements():
@@ -157,7 +172,7 @@ def test_offsets_are_64_bit_only_when_a_sample_spans_2_31_elements():
     assert launches[0].constexprs["WIDE"]
 
 
-@pytest.mark.parametrize("size", [16, 29])
+@pytest.mark.parametrize("size", [16, 29, 224])
 def test_adjoint_table_holds_every_resized_index_that_reads_a_canvas_index(size):
     """For every per-sample size s <= S: the table's KT candidates of canvas index q carry exactly the
     weights of q's column in the float32 resize matrix (S -> s), and no other resized index reads q."""
@@ -168,18 +183,21 @@ def test_adjoint_table_holds_every_resized_index_that_reads_a_canvas_index(size)
     sizes = torch.arange(1, size + 1, dtype=torch.int32)
     transform = torch.stack([sizes, torch.zeros_like(sizes), torch.zeros_like(sizes), torch.zeros_like(sizes)], 1)
     taps = kernels.TRANSFORM_TAPS
-    table = torch.full((size, size, taps + 1), float("nan"))
+    table = torch.full(kernels.adjoint_table_shape(size, size), float("nan"))
     grad = torch.empty(size, 3, size, size)
     launches = kernels.backward_launches(grad, None, None, transform, "pixel", "prompt", "none", torch.empty(size, 1),
                                          torch.empty(size), torch.empty(1, 3, size, size), table)
     launches[0].run()
+    assert not table.isnan().any()
+    assert not table[:, 1:, size:].any()  # the padding past the canvas: no resized index reads it
     for b, s in enumerate(sizes.tolist()):
         matrix = _resize_matrix(size, s, torch.float32, torch.device("cpu"))  # (s, S)
-        lo = table[b, :, 0].long()
+        lo = table[b, 0, :size].view(torch.int32).long()
         rebuilt = torch.zeros(s + 2 * taps, size)  # rows lo + j, shifted by taps so lo = -1 fits
         for j in range(taps):
-            rebuilt[lo + j + taps, torch.arange(size)] = table[b, :, 1 + j]
-        assert (rebuilt[taps:taps + s] - matrix).abs().max() < 1e-6, (size, s)  # ATen rounds its lambdas its way
+            rebuilt[lo + j + taps, torch.arange(size)] = table[b, 1 + j, :size]
+        # ATen rounds its lambdas its way: float32 coordinates near S differ by an ulp of S
+        assert (rebuilt[taps:taps + s] - matrix).abs().max() < 1e-6 * max(1, size / 16), (size, s)
         assert not rebuilt[:taps].any() and not rebuilt[taps + s:].any()
 
 
@@ -188,4 +206,53 @@ def test_canvas_wider_than_a_tile():
     One sample: the interpreter runs the ~130 programs one by one (the transform paths took 15 min)."""
     case = Case(batch=1, size=260, inner=200, height=9, width=7, dtype=torch.uint8)
     check_forward(case, "cpu", seed=21)
+    check_forward(case.but(batch=2, transform=True, out_dtype=torch.bfloat16), "cpu", seed=22)  # 2 column runs
     check_backward(case, "cpu", 24, "prompt", "sample_l1", torch.bfloat16, "channels_last")
+
+
+def _axis_matrix(n_in: int, n_out: int, mode: str, antialias: bool) -> torch.Tensor:
+    """(n_out, n_in) weights of one axis of F.interpolate (align_corners=False), read off an identity: float32
+    coordinates, as the spec computes them (float64 ones move a 224 canvas's weights by ~1e-5)."""
+    import torch.nn.functional as F
+
+    eye = torch.eye(n_in).view(1, 1, n_in, n_in)
+    return F.interpolate(eye, size=(n_out, n_in), mode=mode, align_corners=False, antialias=antialias)[0, 0].double()
+
+
+@pytest.mark.parametrize("height,width,inner,size,mode,antialias", [
+    (13, 11, 10, 16, "bilinear", False), (224, 224, 164, 224, "bilinear", False), (32, 32, 164, 224, "bilinear", False),
+    (13, 11, 10, 16, "bicubic", True), (97, 131, 20, 24, "bilinear", True), (10, 10, 10, 16, "bicubic", False),
+    (9, 5, 7, 11, "bilinear", False), (5, 40, 7, 11, "bilinear", False)])  # 40 -> 7: 2 + ceil(5.7) slots
+def test_transform_taps_table_is_the_product_of_the_two_resizes(height, width, inner, size, mode, antialias):
+    """Per sample and axis, the forward's taps table rebuilds the composite of the image resize placed at the
+    offset (mirrored along x for a flip) and the per-sample resize placed at (ty, tx): every image index an output
+    reads lies in its KC slots, with its weight; the term's window and the box flag match the per-sample resize."""
+    from vpfast.kernels import compose as kernels
+
+    from compose_cases import random_transform
+
+    batch, oy, ox = 6, (size - inner) // 2, size - inner
+    transform = random_transform(batch, size, torch.Generator().manual_seed(height + width))
+    transform[1, 3] = 1  # one flip, whatever was drawn
+    images = torch.empty(batch, 3, height, width)
+    plan = kernels.transform_taps_plan(images.shape, size, inner, mode, antialias, torch.bfloat16)
+    taps = torch.full(plan.shape, float("nan"))
+    kernels.transform_taps_launch(images, transform, size, inner, oy, ox, mode, antialias, taps, plan).run()
+    for b, (sz, ty, tx, flip) in enumerate(transform.tolist()):
+        for axis, (n_in, off, t, slots) in enumerate([(height, oy, ty, plan.slots_y), (width, ox, tx, plan.slots_x)]):
+            image = torch.zeros(size, n_in, dtype=torch.float64)  # the canvas index's image weights
+            image[off:off + inner] = _axis_matrix(n_in, inner, mode, antialias)
+            if axis == 1 and flip:
+                image[off:off + inner] = image[off:off + inner].flip(0)
+            place = torch.zeros(size, size, dtype=torch.float64)  # output index <- canvas index
+            place[t:t + sz] = _axis_matrix(size, sz, "bilinear", False)
+            fields = taps[b, axis, :, :size]
+            lo, q = fields[0].view(torch.int32).long(), fields[1].view(torch.int32).long()
+            rebuilt = torch.zeros(size, n_in, dtype=torch.float64)
+            term = torch.zeros(size, size, dtype=torch.float64)
+            for o in range(size):
+                rebuilt[o, lo[o]:lo[o] + slots] = fields[5:5 + slots, o].double()
+                term[o, q[o]:q[o] + 2] = fields[3:5, o].double()
+            assert (rebuilt - place @ image).abs().max() < 1e-5, (b, axis)
+            assert (term - place).abs().max() < 1e-5, (b, axis)
+            assert torch.equal(fields[2] != 0, place.sum(1) != 0), (b, axis)

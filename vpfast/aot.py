@@ -213,7 +213,9 @@ def compile_case(case, arch: int) -> KernelReport:
     return KernelReport(
         case=case.name, kernel=case.launch.kernel.fn.__name__, arch=arch, num_warps=num_warps,
         registers=registers, stack=stack, shared=shared, local=local, loads=loads, stores=stores,
-        register_budget=_register_budget(num_warps, compose.PROGRAMS_PER_SM),
+        # the launchers keep PROGRAMS_PER_SM x NUM_WARPS warps per SM (one-warp programs come NUM_WARPS times as
+        # many), so every kernel's per-thread budget is that occupancy's
+        register_budget=_register_budget(compose.NUM_WARPS, compose.PROGRAMS_PER_SM),
         min_store_bits=case.min_store_bits, min_load_bits=case.min_load_bits,
         loops=loops, sass_per_output=spo or None, sass_budgets={name: d.budget for name, d in paths.items()} or None,
         loop_problems=loop_problems,
