@@ -78,9 +78,10 @@ class Op:
         self.select = select
         self.method = method
         self.dispatched = getattr(torch.ops.vpfast, opdef.name).default
-        # Set by register_autograd: whether a call records a graph node, and the autograd.Function that does.
+        # Set by register_autograd: whether a call records a graph node, and apply(tensors, options, backend), which
+        # runs the op through its autograd.Function.
         self.records: Callable[[tuple], bool] = _never
-        self.function: type[torch.autograd.Function] | None = None
+        self.apply: Callable | None = None
 
     def kernel(self, *args):
         """The op's kernel on every device: its backend's implementation (``args``: tensors, then the options)."""
@@ -95,7 +96,7 @@ class Op:
         if not _torch_shim.plain_eager(tensors):
             return self.dispatched(*tensors, *options)
         if self.records(tensors):  # the Function's forward runs with grad mode off: no graph inside
-            return self.function.apply(*tensors, options, self.select(*tensors, options))
+            return self.apply(tensors, options, self.select(*tensors, options))
         with _torch_shim.below_autograd():
             return self.kernel(*tensors, options)
 
@@ -154,30 +155,34 @@ def register_autograd(
     mode is off) the op runs without recording a graph node.
     """
     count = len(op.opdef.tensors)
+    picks = tuple(differentiable)
 
-    def forward(ctx, *args):  # args: the tensors, the options, the backend
-        backend = args[-1]
+    def forward(ctx, *args):  # args: the differentiable tensors, then the call (tensors, options, backend)
+        tensors, options, backend = args[-1]
         ctx.backend = backend
-        output = backend.forward(*args[:-1])
-        setup_context(ctx, args[:count], args[count], output)
+        output = backend.forward(*tensors, options)
+        setup_context(ctx, tensors, options, output)
         return output
 
-    def backward_all(ctx, *grads):
-        out: list = [None] * (count + 2)  # the tensors, then the options and the backend
-        for position, grad in zip(differentiable, backward(ctx, *grads), strict=True):
-            out[position] = grad
-        return tuple(out)
+    def backward_all(ctx, *grads):  # one gradient per differentiable tensor, none for the call
+        return *backward(ctx, *grads), None
 
     def records(tensors: tuple) -> bool:
         if torch.is_grad_enabled():
-            for i in differentiable:  # a loop, not any(): this runs on every call
+            for i in picks:  # a loop, not any(): this runs on every call
                 if tensors[i] is not None and tensors[i].requires_grad:
                     return True
         return False
 
-    # Named per op, so grad_fn reads vpfast_<name>Backward.
-    op.function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
-                       {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
+    # Named per op, so grad_fn reads vpfast_<name>Backward. Autograd sees only the differentiable tensors (each more
+    # input costs it per call); the others travel in the call, and setup_context saves those the backward needs.
+    function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
+
+    def apply(tensors: tuple, options: NamedTuple, backend) -> torch.Tensor:
+        return function.apply(*[tensors[i] for i in picks], (tensors, options, backend))
+
+    op.apply = apply
     op.records = records
 
     def below(*args):
@@ -188,7 +193,7 @@ def register_autograd(
     def autograd_kernel(*args):
         tensors, options = args[:-1], args[-1]
         if records(tensors):
-            return op.function.apply(*tensors, options, redispatch)
+            return apply(tensors, options, redispatch)
         return below(*tensors, options)
 
     LIB.impl(op.opdef.name, _unboxed(op.opdef, autograd_kernel), "Autograd")
