@@ -126,10 +126,12 @@ def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forwar
 
 
 def call_backward(ctx: Any, op: Op, tensors: tuple, options: NamedTuple):
-    """Run the backward op ``op`` from an autograd ``backward``: in plain eager mode directly on the backend
-    the forward ran (saved by the Function's forward as ``ctx.backend``), else through ``op``."""
+    """Run the backward op ``op`` from an autograd ``backward`` (``tensors``: the gradient, then tensors the forward
+    saved): in plain eager mode directly on the backend the forward ran (saved by the Function's forward as
+    ``ctx.backend``), else through ``op``. A forward that ran on its backend directly had plain tensors: only the
+    gradient and the modes are checked again."""
     backward = ctx.backend.backward
-    if backward is not None and _torch_shim.plain_eager(tensors):
+    if backward is not None and _torch_shim.plain_eager(tensors[:1]):
         return backward(*tensors, options)
     return op(tensors, options)
 
@@ -180,7 +182,7 @@ def register_autograd(
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
 
     def apply(tensors: tuple, options: NamedTuple, backend) -> torch.Tensor:
-        return function.apply(*[tensors[i] for i in picks], (tensors, options, backend))
+        return function.apply(*map(tensors.__getitem__, picks), (tensors, options, backend))
 
     op.apply = apply
     op.records = records

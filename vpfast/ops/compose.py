@@ -60,10 +60,12 @@ def check_finite(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
+def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False,
+                   compiling: bool | None = None):
     """``value`` (a sequence or tensor, one value per channel) as a float32 vector on ``device``.
 
-    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read.
+    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read, unless
+    torch.compile traces the call (``compiling``; None: ask torch).
     """
     if value is None:
         return None
@@ -71,21 +73,17 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    on_host = vec.is_cpu  # is_cpu, not device.type: that builds a string per call
-    if not on_host and vec.device != device:
-        raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if on_host and not torch.compiler.is_compiling():  # values checked without a device sync
+    if not vec.is_cpu:  # is_cpu, not device.type: that builds a string per call
+        if vec.device != device:
+            raise ValueError(f"{name} is on {vec.device} but images are on {device}")
+        return vec
+    if not (torch.compiler.is_compiling() if compiling is None else compiling):  # values read without a device sync
         values = vec.tolist()
         if not all(map(math.isfinite, values)):
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if not on_host or vec.device == device else vec.to(device, non_blocking=True)
-
-
-def _host_values(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values can be checked without a device sync (compose never synchronizes)."""
-    return t.is_cpu and not torch.compiler.is_compiling()
+    return vec if vec.device == device else vec.to(device, non_blocking=True)
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
@@ -156,31 +154,32 @@ def compose(
     batch, channels, height, width = images.shape
     if batch < 1 or height < 1 or width < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 3 or prompt.shape[0] != channels \
-            or prompt.shape[1] != prompt.shape[2]:
+    size = prompt.shape[-1] if isinstance(prompt, torch.Tensor) and prompt.dim() == 3 else -1
+    if size < 0 or prompt.shape != (channels, size, size):
         raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-    if prompt.dtype not in _PROMPT_DTYPE_SET:
-        raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
+    prompt_dtype = prompt.dtype
+    if prompt_dtype not in _PROMPT_DTYPE_SET:
+        raise ValueError(f"prompt must be float32 or float64, got {prompt_dtype}")
     device = images.device
     if prompt.device != device:
         raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
-    size = prompt.shape[1]
-    options = compose_options(size, prompt.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
-                              grad_region, grad_norm, out_dtype, memory_format)
+    compiling = torch.compiler.is_compiling()  # asked once: values are read on the host only outside torch.compile
+    options = compose_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format, compiling)
     if mask is not None:
         if mask.shape != (size, size):
             raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but images are on {device}")
-        if mask.dtype != prompt.dtype:
-            mask = mask.to(prompt.dtype)
-    mean_t = channel_vector("mean", mean, channels, device)
-    std_t = channel_vector("std", std, channels, device, nonzero=True)
+        if mask.dtype != prompt_dtype:
+            mask = mask.to(prompt_dtype)
+    mean_t = channel_vector("mean", mean, channels, device, False, compiling)
+    std_t = channel_vector("std", std, channels, device, True, compiling)
     if transform is not None:
         if transform.device != device and transform.device.type != "cpu":
             raise ValueError(f"transform is on {transform.device} but images are on {device}")
-        if _host_values(transform):
+        if transform.is_cpu and not compiling:  # its values checked without a device sync
             check_transform(transform, batch, size)
         transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if flip is not None:
@@ -209,9 +208,9 @@ _options_cache: dict[tuple, ComposeOptions] = {}
 
 
 def compose_options(size: int, prompt_dtype: torch.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
-                    grad_region, grad_norm, out_dtype, memory_format) -> ComposeOptions:
+                    grad_region, grad_norm, out_dtype, memory_format, compiling: bool) -> ComposeOptions:
     """compose's non-tensor arguments checked against an S x S canvas (``size``), as the op's options."""
-    if torch.compiler.is_compiling():  # symbolic sizes: no cache
+    if compiling:  # symbolic sizes: no cache
         return _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
                               grad_region, grad_norm, out_dtype, memory_format)
     try:
