@@ -69,7 +69,7 @@ def _unboxed(opdef: OpDef, fn: Callable) -> Callable:
 class Op:
     """A defined op: ``op(tensors, options)`` runs it.
 
-    ``select(*tensors, options)`` picks its backend (vpfast/ops/_dispatch.py) and ``method`` names the
+    ``select(tensors, options)`` picks its backend (vpfast/ops/_dispatch.py) and ``method`` names the
     backend's implementation it runs ("forward", or "backward" for a backward op).
     """
 
@@ -85,7 +85,7 @@ class Op:
 
     def kernel(self, *args):
         """The op's kernel on every device: its backend's implementation (``args``: tensors, then the options)."""
-        return getattr(self.select(*args), self.method)(*args)
+        return getattr(self.select(args[:-1], args[-1]), self.method)(*args)
 
     def below_autograd(self, *args):
         """The op below the Autograd keys, through the dispatcher (``args``: tensors, then the options)."""
@@ -96,7 +96,7 @@ class Op:
         if not _torch_shim.plain_eager(tensors):
             return self.dispatched(*tensors, *options)
         if self.records(tensors):  # the Function's forward runs with grad mode off: no graph inside
-            return self.apply(tensors, options, self.select(*tensors, options))
+            return self.apply(tensors, options, self.select(tensors, options))
         with _torch_shim.below_autograd():
             return self.kernel(*tensors, options)
 
@@ -114,7 +114,7 @@ class _Redispatch:
 
 
 def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forward") -> Op:
-    """Define ``opdef``: its kernel runs ``select(*tensors, options).<method>`` on every device; ``fake``.
+    """Define ``opdef``: its kernel runs ``select(tensors, options).<method>`` on every device; ``fake``.
 
     As with ``custom_op``, torch.compile keeps the op opaque and never traces the kernel's frames.
     """

@@ -346,11 +346,6 @@ def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out
 
 
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call when it is already ``dtype`` (a no-op .to costs microseconds per call)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def compose_backward_reference(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,
@@ -362,13 +357,13 @@ def compose_backward_reference(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The prompt gradient specification: per-sample gradients over the region, then the batch rule."""
-    g = _as_dtype(grad_out, dtype)
+    g = grad_out if grad_out.dtype == dtype else grad_out.to(dtype)  # a no-op .to costs microseconds per call
     if transform is not None:
         g = transform_adjoint(g, transform)
     if prompt_space == "pixel" and std is not None:
-        g = g / _as_dtype(std, dtype).view(-1, 1, 1)
+        g = g / (std if std.dtype == dtype else std.to(dtype)).view(-1, 1, 1)
     if grad_region == "prompt" and mask is not None:
-        g = g * _as_dtype(mask, dtype)
+        g = g * (mask if mask.dtype == dtype else mask.to(dtype))
     if grad_norm in (None, "none"):
         return g.sum(0)
     flat = g.flatten(1)
@@ -447,11 +442,11 @@ _dispatch.register("compose", (
 ))
 
 
-def _select(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> _dispatch.Backend:
-    if flip is not None and transform is not None:  # the op called directly (compose() says so earlier)
-        raise ValueError(FLIP_WITH_TRANSFORM)
-    return _dispatch.select("compose", images.device, prompt.dtype,
-                            (images, prompt, mask, mean, std, transform, flip), options)
+def _select(tensors: tuple, options: ComposeOptions) -> _dispatch.Backend:
+    """The backend for (images, prompt, mask, mean, std, transform, flip): by the images' device, the prompt's dtype."""
+    if tensors[6] is not None and tensors[5] is not None:  # flip and transform: the op called directly (compose()
+        raise ValueError(FLIP_WITH_TRANSFORM)  # says so earlier)
+    return _dispatch.select("compose", tensors[0].device, tensors[1].dtype, tensors, options)
 
 
 def _compose_fake(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> torch.Tensor:
@@ -461,9 +456,9 @@ def _compose_fake(images, prompt, mask, mean, std, transform, flip, options: Com
                        memory_format=memory_format)
 
 
-def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", grad_out.device, options.prompt_dtype,
-                            (grad_out, mask, std, transform), options)
+def _select_backward(tensors: tuple, options: ComposeGradOptions) -> _dispatch.Backend:
+    """The backend for (grad_out, mask, std, transform): by the gradient's device, the prompt's dtype."""
+    return _dispatch.select("compose", tensors[0].device, options.prompt_dtype, tensors, options)
 
 
 def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
