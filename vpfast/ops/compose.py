@@ -83,7 +83,7 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if device.type == "cpu" else vec.to(device, non_blocking=True)
+    return vec if vec.device == device else vec.to(device, non_blocking=True)  # device.type costs more
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
