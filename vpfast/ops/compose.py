@@ -9,6 +9,7 @@ Triton kernels in ``vpfast.kernels.compose`` and the reference).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -154,8 +155,9 @@ def compose(
     batch, channels, height, width = images.shape
     if batch < 1 or height < 1 or width < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
-    size = prompt.shape[-1] if isinstance(prompt, torch.Tensor) and prompt.dim() == 3 else -1
-    if size < 0 or prompt.shape != (channels, size, size):
+    prompt_shape = prompt.shape if isinstance(prompt, torch.Tensor) and prompt.dim() == 3 else None
+    size = -1 if prompt_shape is None else prompt_shape[2]
+    if size < 0 or prompt_shape != (channels, size, size):
         raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
     prompt_dtype = prompt.dtype
@@ -404,8 +406,15 @@ COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?
 COMPOSE_BACKWARD = _library.OpDef("compose_backward", ("grad_out", "mask?", "std?", "transform?"), ComposeGradOptions)
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(size: int, inner: int, oy: int, ox: int) -> Layout:
+    """A Layout per distinct geometry: the reference backend runs per call, and a NamedTuple costs more to build
+    than to look up."""
+    return Layout(size, inner, oy, ox)
+
+
 def _reference_forward(images, prompt, mask, mean, std, transform, flip, o: ComposeOptions) -> torch.Tensor:
-    layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
+    layout = _layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
                           o.prompt_space, flip)
     if y.dtype == o.out_dtype and not o.channels_last and y.is_contiguous():
@@ -465,10 +474,16 @@ def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradO
     return grad_out.new_empty(grad_out.shape[1:], dtype=options.prompt_dtype)
 
 
+@functools.cache
+def _grad_options(prompt_space: str, grad_region: str, grad_norm: str, prompt_dtype: torch.dtype) -> ComposeGradOptions:
+    """The backward's options per distinct value (they are built per call, a look-up costs less)."""
+    return ComposeGradOptions(prompt_space, grad_region, grad_norm, prompt_dtype)
+
+
 def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None:
     _, prompt, mask, _, std, transform, _ = tensors  # the flip mirrors the image only: the gradient does not see it
     ctx.save_for_backward(mask, std, transform)
-    ctx.grad_options = ComposeGradOptions(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
+    ctx.grad_options = _grad_options(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor]:
