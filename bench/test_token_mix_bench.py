@@ -28,6 +28,7 @@ OPTIONS = dict(gumbel=True, seed=1, tau=0.5)  # PGN's plain softmax plus the noi
 @pytest.fixture(autouse=True)
 def _extension_backend(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cuda" if on_gpu() else "cpp")  # the extension, or an error without it
+    vpfast.ops.read_environment()
 
 
 def _inputs(n: int, dtype: torch.dtype):

@@ -6,6 +6,7 @@ which must be set before triton is first imported: that happens here.
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -13,6 +14,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _vpfast_environment():
+    """vpfast reads VPFAST_BACKEND and TRITON_INTERPRET at import: after a test (and monkeypatch's undo, which runs
+    first), the values in force are read again, so that a test that set them leaves nothing behind."""
+    yield
+    dispatch = sys.modules.get("vpfast.ops._dispatch")
+    if dispatch is not None:
+        dispatch.read_environment()
 
 
 @pytest.fixture
@@ -35,3 +46,4 @@ def triton_backend(monkeypatch):
     if not _dispatch.interpreter_enabled():
         pytest.skip("the interpreter tier runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)")
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    _dispatch.read_environment()

@@ -20,6 +20,7 @@ EVP = Case(batch=256, height=224, width=224, size=224, inner=164)
 @pytest.fixture(autouse=True)
 def _triton(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    vpfast.ops.read_environment()
 
 
 @pytest.mark.parametrize("case", [

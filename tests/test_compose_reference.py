@@ -330,6 +330,8 @@ BAD_CALLS = [
     (dict(fill="0"), r"fill must be a finite number, got '0'"),
     (dict(std=(0.2, float("nan"), 0.3)), r"std must be finite, got \[0.2.*nan, 0.3.*\]"),
     (dict(mean=torch.tensor([0.5, float("inf"), 0.5])), r"mean must be finite, got \[0.5, inf, 0.5\]"),
+    (dict(mean=torch.tensor([float("inf"), float("-inf"), 0.5])), r"mean must be finite, got \[inf, -inf, 0.5\]"),
+    (dict(std=(float("-inf"), 1.0, 1.0)), r"std must be finite, got \[-inf, 1.0, 1.0\]"),
 ]
 
 
@@ -356,3 +358,11 @@ def test_remembered_options_still_refuse_equal_values_of_another_type(good, bad,
     args = _bad(**bad)
     with pytest.raises(ValueError, match=message):
         vpfast.ops.compose(args.pop("images"), args.pop("prompt"), **args)
+
+
+def test_the_largest_finite_float32_mean_and_std_are_accepted():
+    """compose checks mean/std through the sum of their values (a double): finite float32 values never overflow it."""
+    big = torch.finfo(torch.float32).max
+    images, prompt = torch.rand(1, 3, 4, 4), torch.zeros(3, 4, 4)
+    out = vpfast.ops.compose(images, prompt, inner_size=4, mean=(big, big, big), std=(big, -big, big))
+    assert out.shape == (1, 3, 4, 4)

@@ -3,6 +3,7 @@ fallbacks that warn once, clear errors."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -26,6 +27,7 @@ def fake_ops(monkeypatch):
     monkeypatch.setattr(_dispatch, "OPS", {})
     monkeypatch.setattr(_warn, "_warned", set())
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    _dispatch.read_environment()
     monkeypatch.setattr(_dispatch, "_chosen", {})
     _dispatch.register("demo", (fast, reference))
     return state
@@ -52,7 +54,7 @@ def test_selection_per_device_and_dtype(fake_ops):
 
 def test_unavailable_backend_falls_back_and_says_why(fake_ops):
     fake_ops["fast"] = "no GPU compiler"
-    _dispatch._chosen.clear()  # availability is read once per (op, device, dtype, environment, extension status)
+    _dispatch._chosen.clear()  # availability is read once per (op, device, dtype, environment read, extension status)
     with pytest.warns(RuntimeWarning, match=r"triton unavailable: no GPU compiler"):
         assert _dispatch.select("demo", CUDA, torch.float32).name == "reference"
     expected = ("float32: reference (triton unavailable: no GPU compiler); "
@@ -62,6 +64,7 @@ def test_unavailable_backend_falls_back_and_says_why(fake_ops):
 
 def test_forcing_a_backend_the_op_lacks_raises(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    _dispatch.read_environment()
     with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=cuda, but compose has no cuda backend"):
         _dispatch.choose("compose", CPU)
     assert _dispatch.backend_table()["compose"]["cpu"].startswith("error: compose has no cuda backend")
@@ -69,16 +72,19 @@ def test_forcing_a_backend_the_op_lacks_raises(monkeypatch):
 
 def test_forced_backend_that_cannot_take_the_dtype_raises(fake_ops, monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    _dispatch.read_environment()
     with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run demo on cuda with float64: "
                                            r"triton takes float32"):
         _dispatch.select("demo", CUDA, torch.float64)
     assert _dispatch.select("demo", CUDA, torch.float32).name == "triton"
     monkeypatch.setenv("VPFAST_BACKEND", "reference")
+    _dispatch.read_environment()
     assert _dispatch.select("demo", CUDA, torch.float32).name == "reference"
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "tpu")
+    _dispatch.read_environment()
     with pytest.raises(ValueError, match=r"VPFAST_BACKEND must be one of \('reference', 'triton', 'cpp', 'cuda'\), "
                                          r"got 'tpu'"):
         _dispatch.choose("compose", CPU)
@@ -87,15 +93,18 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _dispatch.read_environment()
     with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
         _dispatch.choose("compose", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch.read_environment()
     assert _dispatch.choose("compose", CPU) == "triton"
 
 
 def test_compose_float64_is_not_reported_as_triton(monkeypatch):
     """issue 17: `vpfast info` said "triton" for a float64 compose that runs the reference."""
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    _dispatch.read_environment()
     row = _dispatch.backend_table()["compose"]
     assert row["cpu"] == "reference"
     assert "float64: reference" in row["cuda"]
@@ -132,6 +141,7 @@ def test_a_call_the_backend_cannot_take_falls_back_with_one_warning(picky_ops):
 
 def test_a_forced_backend_that_cannot_take_the_call_raises_saying_why(picky_ops, monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
+    _dispatch.read_environment()
     with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=triton cannot run this demo call: "
                                            r"it takes at most 4 rows, got 5"):
         _dispatch.select("demo", CUDA, torch.float32, (torch.empty(5, 2, device="meta"),), ())
@@ -141,3 +151,26 @@ def test_the_reference_must_take_every_call():
     picky = _dispatch.Backend("reference", _dispatch.DEVICE_TYPES, (torch.float32,), "f", "b", supports=lambda t, o: "")
     with pytest.raises(ValueError, match="the last backend must be the reference.*taking every call"):
         _dispatch.register("demo", (picky,))
+
+
+def test_the_environment_is_read_at_import_and_on_request(monkeypatch):
+    """select reads VPFAST_BACKEND from module state (no environment read per call): a change takes effect when
+    read_environment() reads it, and `vpfast info` reports the value in force."""
+    from vpfast import info
+
+    monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    _dispatch.read_environment()
+    assert _dispatch.choose("compose", CPU) == "reference"
+    monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    assert _dispatch.choose("compose", CPU) == "reference"  # not read yet
+    assert info.collect()["env"]["VPFAST_BACKEND"] is None
+    _dispatch.read_environment()
+    assert info.collect()["env"]["VPFAST_BACKEND"] == "cuda"
+    with pytest.raises(RuntimeError, match=r"VPFAST_BACKEND=cuda, but compose has no cuda backend"):
+        _dispatch.choose("compose", CPU)
+
+
+def test_a_test_that_set_the_environment_leaves_nothing_behind():
+    """After the previous test (its monkeypatch undone, tests/conftest.py's fixture read it again) the values in
+    force are the environment's again."""
+    assert _dispatch.environment() == {name: os.environ.get(name) for name in _dispatch.ENV_VARS}

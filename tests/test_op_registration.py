@@ -163,7 +163,31 @@ def test_eager_backward_runs_on_the_backend_the_forward_ran(monkeypatch):
     y = vpfast.ops.compose(images, prompt, inner_size=6)
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a selection now would raise: Triton cannot run CPU tensors
+    vpfast.ops.read_environment()
     (grad_prompt,) = torch.autograd.grad(y.sum(), prompt)
     assert torch.equal(grad_prompt, torch.full_like(prompt, 2.0))
     with pytest.raises(RuntimeError, match="VPFAST_BACKEND=triton cannot run compose on cpu"):
         vpfast.ops.compose(images, prompt, inner_size=6)
+
+
+def test_private_apis_are_used_only_through_the_shim():
+    """No module of vpfast/ops but _torch_shim.py reaches into a private attribute (torch._C, os.environ._data, ...)
+    or imports from a private module; NamedTuple's public _fields/_make are not private."""
+    import ast
+    from pathlib import Path
+
+    import vpfast.ops
+
+    public_underscored = {"_fields", "_make"}
+    found = []
+    for path in sorted(Path(vpfast.ops.__file__).parent.glob("*.py")):
+        if path.name == "_torch_shim.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and node.attr not in public_underscored:
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module and not node.module.startswith("vpfast") \
+                    and any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")):
+                found.append(f"{path.name}:{node.lineno} from {node.module}")
+    assert not found

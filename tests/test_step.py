@@ -46,7 +46,7 @@ def plain_loss(model, columns: slice = slice(None)):
     return loss
 
 
-# Argument checks compose runs only on host tensors (``_host_values``): on a GPU they are skipped, on the
+# Argument checks compose runs only on host tensors (their values read on the CPU): on a GPU they are skipped, on the
 # CPU their reads are no synchronization.
 HOST_ONLY_CHECKS = {"channel_vector", "check_transform"}
 

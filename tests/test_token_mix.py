@@ -194,6 +194,7 @@ def test_seed_is_ignored_without_gumbel():
 @cpu
 def test_forced_reference_backend(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "reference")
+    vpfast.ops.read_environment()
     logits, library = make_inputs(seed=2)
     calls = []
     monkeypatch.setattr(token_mix_module, "token_mix_reference",
@@ -205,6 +206,7 @@ def test_forced_reference_backend(monkeypatch):
 @cpu
 def test_missing_extension_falls_back_to_the_reference_with_one_warning(monkeypatch):
     monkeypatch.delenv("VPFAST_BACKEND", raising=False)
+    vpfast.ops.read_environment()
     missing = _extension.ExtensionStatus(False, False, "vpfast._C not built: test")
     monkeypatch.setattr(_extension, "status", lambda: missing)
     monkeypatch.setattr(_warn, "_warned", set())
@@ -248,6 +250,7 @@ def test_backward_reference_is_the_gradient_of_the_reference(case):
 def test_forced_reference_backend_runs_inside_the_op(monkeypatch):
     """The reference is a backend of the op: a graph node vpfast_token_mixBackward, its backward the reference's."""
     monkeypatch.setenv("VPFAST_BACKEND", "reference")
+    vpfast.ops.read_environment()
     logits, library = make_inputs((2, 3, 7, 5), seed=22)
     z, t = logits.requires_grad_(True), library.requires_grad_(True)
     out = vpfast.ops.token_mix(z, t, gumbel=True, seed=4, topk=3)
@@ -278,6 +281,7 @@ def _op_and_reference(logits, library, grad, case):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_cpu_kernel_matches_reference_float32(case, shape, layout, monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cpp")  # the extension's C++ kernel for CPU tensors
+    vpfast.ops.read_environment()
     logits, library = make_inputs(shape, seed=hash((_ids(case), shape, layout)) % 1000, layout=layout)
     grad = torch.randn(shape[0], shape[1], shape[3])
     ops, ref = _op_and_reference(logits, library, grad, case)
@@ -291,6 +295,7 @@ def test_cpu_kernel_matches_reference_float32(case, shape, layout, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_cpu_kernel_matches_reference_float64(case, monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cpp")
+    vpfast.ops.read_environment()
     logits, library = make_inputs((2, 3, 7, 5), torch.float64, seed=8)
     ops, ref = _op_and_reference(logits, library, torch.randn(2, 3, 5, dtype=torch.float64), case)
     for got, expected in zip(ops, ref, strict=True):
@@ -303,6 +308,7 @@ def test_cpu_kernel_matches_reference_float64(case, monkeypatch):
 def test_cpu_kernel_half_precision(dtype, monkeypatch):
     """16-bit inputs accumulate in float32, as the reference does: only the output rounding differs."""
     monkeypatch.setenv("VPFAST_BACKEND", "cpp")
+    vpfast.ops.read_environment()
     logits, library = make_inputs((2, 5, 40, 9), dtype, seed=10)
     case = dict(gumbel=True, seed=3, topk=9, tau=0.8)
     ops, ref = _op_and_reference(logits, library, torch.randn(2, 5, 9).to(dtype), case)
@@ -317,6 +323,7 @@ def test_cpu_kernel_gradcheck_float64(case, monkeypatch):
     """Hard mode is straight-through (its true logits gradient is 0), so only the library is checked there;
     its logits gradient is compared with the reference in the tests above."""
     monkeypatch.setenv("VPFAST_BACKEND", "cpp")
+    vpfast.ops.read_environment()
     logits, library = make_inputs((1, 2, 7, 3), torch.float64, seed=6)
     if case.get("hard"):
         fn, inputs = (lambda t: vpfast.ops.token_mix(logits, t, **case)), (library.requires_grad_(True),)
@@ -348,6 +355,7 @@ def test_opcheck(case):
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_fullgraph_cpu(monkeypatch, dynamic):
     monkeypatch.setenv("VPFAST_BACKEND", "cpp")
+    vpfast.ops.read_environment()
     logits, library = make_inputs((2, 4, 9, 6), seed=14)
 
     def step(z, t):

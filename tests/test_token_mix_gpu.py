@@ -26,6 +26,7 @@ CASES = [{}, dict(gumbel=True, seed=5, topk=32, tau=0.5), dict(hard=True, gumbel
 @pytest.fixture(autouse=True)
 def _extension_backend(monkeypatch):
     monkeypatch.setenv("VPFAST_BACKEND", "cuda")
+    vpfast.ops.read_environment()
 
 
 def _cuda_inputs(n: int, dtype: torch.dtype, seed: int):
@@ -55,6 +56,7 @@ def test_kernels_match_reference(n, dtype, case):
 
 def test_float64_on_cuda_runs_the_reference(monkeypatch):
     monkeypatch.delenv("VPFAST_BACKEND")  # forcing cuda would raise: the CUDA kernels do not take float64
+    vpfast.ops.read_environment()
     monkeypatch.setattr(_warn, "_warned", set())
     logits, library, _ = _cuda_inputs(256, torch.float64, seed=1)
     with pytest.warns(RuntimeWarning, match="token_mix with float64 cuda tensors runs the reference backend"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 import platform
 import sys
 
@@ -20,7 +19,6 @@ from vpfast.ops import _dispatch
 
 # Optional packages reported by distribution name (read from metadata: importing them is slow).
 OPTIONAL_PACKAGES = {"open_clip": "open_clip_torch", "timm": "timm", "torchvision": "torchvision"}
-ENV_VARS = ("TRITON_INTERPRET", "VPFAST_BACKEND")
 
 
 def _dist_version(name: str) -> str | None:
@@ -73,7 +71,7 @@ def collect() -> dict:
         "optional": {module: _dist_version(dist) for module, dist in OPTIONAL_PACKAGES.items()},
         "cuda_available": torch.cuda.is_available(),
         "devices": _devices(),
-        "env": {name: os.environ.get(name) for name in ENV_VARS},
+        "env": _dispatch.environment(),  # the values in force: read when vpfast was imported
         "extension": {
             "loaded": ext.loaded,
             "has_cuda": ext.has_cuda,

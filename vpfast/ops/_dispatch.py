@@ -8,7 +8,8 @@ first one that can run; a preferred backend that cannot run warns once and shows
 options its kernels do not handle); such a call runs the next backend, with a one-time warning.
 ``VPFAST_BACKEND=reference|triton|cpp|cuda`` forces one backend for every op that has it, and raises
 where it cannot run (or take the call); forcing ``triton`` on CPU tensors runs the kernels under
-``TRITON_INTERPRET=1``.
+``TRITON_INTERPRET=1``. Both variables are read when vpfast is imported (:func:`read_environment` reads
+them again, e.g. after a test sets them): a selection per call costs a dict lookup, not an environment read.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def forced_backend() -> str | None:
-    """The backend named by ``VPFAST_BACKEND``, or None when it is unset."""
-    value = os.environ.get("VPFAST_BACKEND", "").strip().lower()
+    """The backend named by ``VPFAST_BACKEND`` (as last read), or None when it is unset."""
+    value = (_environment["VPFAST_BACKEND"] or "").strip().lower()
     if not value:
         return None
     if value not in BACKENDS:
@@ -99,7 +100,8 @@ def triton_status() -> tuple[bool, str]:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether ``TRITON_INTERPRET=1`` (as last read): Triton then runs CPU tensors in its interpreter."""
+    return _environment["TRITON_INTERPRET"] == "1"
 
 
 def triton_runs_on(device_type: str) -> str:
@@ -159,25 +161,37 @@ def _select(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
     raise AssertionError("unreachable: the reference runs everywhere")
 
 
-# The process environment as os.environ keeps it (its private ``_data``: keys encoded by ``encodekey``). select reads
-# VPFAST_BACKEND from it on every call, as os.environ.get would, at a few percent of the cost (a dict lookup).
-_ENVIRON = os.environ._data
-_FORCED_KEY = os.environ.encodekey("VPFAST_BACKEND")
-_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
-
-# (op, device, dtype, VPFAST_BACKEND, TRITON_INTERPRET) -> (backend, notes, the extension status it saw)
+# (op, device, dtype) -> (backend, notes, the extension status it saw), for the environment as last read
 _chosen: dict[tuple, tuple[Backend, str, _extension.ExtensionStatus]] = {}
+ENV_VARS = ("TRITON_INTERPRET", "VPFAST_BACKEND")
+_environment: dict[str, str | None] = {}
+
+
+def read_environment() -> None:
+    """Read ``VPFAST_BACKEND`` and ``TRITON_INTERPRET`` from the process environment; the selection follows them.
+
+    vpfast reads them once, when it is imported: call this after changing them in a running process.
+    """
+    _environment.update({name: os.environ.get(name) for name in ENV_VARS})
+    _chosen.clear()
+
+
+def environment() -> dict[str, str | None]:
+    """The values of ``VPFAST_BACKEND`` and ``TRITON_INTERPRET`` in force (None: unset), for ``vpfast info``."""
+    return dict(_environment)
+
+
+read_environment()
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, tensors: tuple = (), options: tuple = ()) -> Backend:
     """The backend ``op`` runs for ``dtype`` tensors on ``device``; warns once when it is a fallback.
 
-    Runs on every call: the environment is read each time (tests and users change it), the choice is cached.
-    A backend that cannot take the call's ``tensors`` and ``options`` (its ``supports``) raises when forced, else
-    the next backend that can runs, with a one-time warning.
+    Runs on every call: the choice is cached per (op, device, dtype) for the environment as last read
+    (:func:`read_environment`). A backend that cannot take the call's ``tensors`` and ``options`` (its ``supports``)
+    raises when forced, else the next backend that can runs, with a one-time warning.
     """
-    forced = _ENVIRON.get(_FORCED_KEY)
-    key = (op, device, dtype, forced, forced and _ENVIRON.get(_INTERPRET_KEY))  # the device: .type costs more
+    key = (op, device, dtype)  # the device: .type costs more
     entry = _chosen.get(key)
     if entry is None or entry[2] is not _extension.status():  # a reloaded extension status invalidates the choice
         entry = (*_select(op, device.type, dtype, forced_backend()), _extension.status())
@@ -189,7 +203,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, tensors: tuple = (
     if backend.supports is not None and tensors:  # no tensors (choose): the backend for the device and dtype
         why = backend.supports(tensors, options)
         if why:
-            return _fall_back(op, backend, why, forced, device.type, dtype, tensors, options)
+            return _fall_back(op, backend, why, forced_backend(), device.type, dtype, tensors, options)
     return backend
 
 

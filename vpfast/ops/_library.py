@@ -69,7 +69,7 @@ def _unboxed(opdef: OpDef, fn: Callable) -> Callable:
 class Op:
     """A defined op: ``op(tensors, options)`` runs it.
 
-    ``select(*tensors, options)`` picks its backend (vpfast/ops/_dispatch.py) and ``method`` names the
+    ``select(tensors, options)`` picks its backend (vpfast/ops/_dispatch.py) and ``method`` names the
     backend's implementation it runs ("forward", or "backward" for a backward op).
     """
 
@@ -78,13 +78,14 @@ class Op:
         self.select = select
         self.method = method
         self.dispatched = getattr(torch.ops.vpfast, opdef.name).default
-        # Set by register_autograd: whether a call records a graph node, and the autograd.Function that does.
+        # Set by register_autograd: whether a call records a graph node, and apply(tensors, options, backend), which
+        # runs the op through its autograd.Function.
         self.records: Callable[[tuple], bool] = _never
-        self.function: type[torch.autograd.Function] | None = None
+        self.apply: Callable | None = None
 
     def kernel(self, *args):
         """The op's kernel on every device: its backend's implementation (``args``: tensors, then the options)."""
-        return getattr(self.select(*args), self.method)(*args)
+        return getattr(self.select(args[:-1], args[-1]), self.method)(*args)
 
     def below_autograd(self, *args):
         """The op below the Autograd keys, through the dispatcher (``args``: tensors, then the options)."""
@@ -95,7 +96,7 @@ class Op:
         if not _torch_shim.plain_eager(tensors):
             return self.dispatched(*tensors, *options)
         if self.records(tensors):  # the Function's forward runs with grad mode off: no graph inside
-            return self.function.apply(*tensors, options, self.select(*tensors, options))
+            return self.apply(tensors, options, self.select(tensors, options))
         with _torch_shim.below_autograd():
             return self.kernel(*tensors, options)
 
@@ -113,7 +114,7 @@ class _Redispatch:
 
 
 def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forward") -> Op:
-    """Define ``opdef``: its kernel runs ``select(*tensors, options).<method>`` on every device; ``fake``.
+    """Define ``opdef``: its kernel runs ``select(tensors, options).<method>`` on every device; ``fake``.
 
     As with ``custom_op``, torch.compile keeps the op opaque and never traces the kernel's frames.
     """
@@ -125,10 +126,12 @@ def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forwar
 
 
 def call_backward(ctx: Any, op: Op, tensors: tuple, options: NamedTuple):
-    """Run the backward op ``op`` from an autograd ``backward``: in plain eager mode directly on the backend
-    the forward ran (saved by the Function's forward as ``ctx.backend``), else through ``op``."""
+    """Run the backward op ``op`` from an autograd ``backward`` (``tensors``: the gradient, then tensors the forward
+    saved): in plain eager mode directly on the backend the forward ran (saved by the Function's forward as
+    ``ctx.backend``), else through ``op``. A forward that ran on its backend directly had plain tensors: only the
+    gradient and the modes are checked again."""
     backward = ctx.backend.backward
-    if backward is not None and _torch_shim.plain_eager(tensors):
+    if backward is not None and _torch_shim.plain_eager(tensors[:1]):
         return backward(*tensors, options)
     return op(tensors, options)
 
@@ -154,30 +157,34 @@ def register_autograd(
     mode is off) the op runs without recording a graph node.
     """
     count = len(op.opdef.tensors)
+    picks = tuple(differentiable)
 
-    def forward(ctx, *args):  # args: the tensors, the options, the backend
-        backend = args[-1]
+    def forward(ctx, *args):  # args: the differentiable tensors, then the call (tensors, options, backend)
+        tensors, options, backend = args[-1]
         ctx.backend = backend
-        output = backend.forward(*args[:-1])
-        setup_context(ctx, args[:count], args[count], output)
+        output = backend.forward(*tensors, options)
+        setup_context(ctx, tensors, options, output)
         return output
 
-    def backward_all(ctx, *grads):
-        out: list = [None] * (count + 2)  # the tensors, then the options and the backend
-        for position, grad in zip(differentiable, backward(ctx, *grads), strict=True):
-            out[position] = grad
-        return tuple(out)
+    def backward_all(ctx, *grads):  # one gradient per differentiable tensor, none for the call
+        return *backward(ctx, *grads), None
 
     def records(tensors: tuple) -> bool:
         if torch.is_grad_enabled():
-            for i in differentiable:  # a loop, not any(): this runs on every call
+            for i in picks:  # a loop, not any(): this runs on every call
                 if tensors[i] is not None and tensors[i].requires_grad:
                     return True
         return False
 
-    # Named per op, so grad_fn reads vpfast_<name>Backward.
-    op.function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
-                       {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
+    # Named per op, so grad_fn reads vpfast_<name>Backward. Autograd sees only the differentiable tensors (each more
+    # input costs it per call); the others travel in the call, and setup_context saves those the backward needs.
+    function = type(f"vpfast_{op.opdef.name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_all)})
+
+    def apply(tensors: tuple, options: NamedTuple, backend) -> torch.Tensor:
+        return function.apply(*map(tensors.__getitem__, picks), (tensors, options, backend))
+
+    op.apply = apply
     op.records = records
 
     def below(*args):
@@ -188,7 +195,7 @@ def register_autograd(
     def autograd_kernel(*args):
         tensors, options = args[:-1], args[-1]
         if records(tensors):
-            return op.function.apply(*tensors, options, redispatch)
+            return apply(tensors, options, redispatch)
         return below(*tensors, options)
 
     LIB.impl(op.opdef.name, _unboxed(op.opdef, autograd_kernel), "Autograd")

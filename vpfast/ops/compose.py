@@ -9,6 +9,7 @@ Triton kernels in ``vpfast.kernels.compose`` and the reference).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -60,10 +61,12 @@ def check_finite(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False):
+def channel_vector(name: str, value, channels: int, device: torch.device, nonzero: bool = False,
+                   compiling: bool | None = None):
     """``value`` (a sequence or tensor, one value per channel) as a float32 vector on ``device``.
 
-    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read.
+    Values given on the CPU are checked (finite, and non-zero if ``nonzero``) with one host read, unless
+    torch.compile traces the call (``compiling``; None: ask torch).
     """
     if value is None:
         return None
@@ -71,21 +74,17 @@ def channel_vector(name: str, value, channels: int, device: torch.device, nonzer
         else torch.as_tensor(value, dtype=torch.float32).flatten()
     if vec.numel() != channels:
         raise ValueError(f"{name} must have one value per channel ({channels}), got {vec.numel()} values")
-    on_host = vec.is_cpu  # is_cpu, not device.type: that builds a string per call
-    if not on_host and vec.device != device:
-        raise ValueError(f"{name} is on {vec.device} but images are on {device}")
-    if on_host and not torch.compiler.is_compiling():  # values checked without a device sync
+    if not vec.is_cpu:  # is_cpu, not device.type: that builds a string per call
+        if vec.device != device:
+            raise ValueError(f"{name} is on {vec.device} but images are on {device}")
+        return vec
+    if not (torch.compiler.is_compiling() if compiling is None else compiling):  # values read without a device sync
         values = vec.tolist()
-        if not all(map(math.isfinite, values)):
+        if not math.isfinite(sum(values)):  # float32 values: their sum (a double) is finite iff each value is
             raise ValueError(f"{name} must be finite, got {values}")
         if nonzero and not all(values):
             raise ValueError(f"{name} must be non-zero, got {values}")
-    return vec if not on_host or vec.device == device else vec.to(device, non_blocking=True)
-
-
-def _host_values(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values can be checked without a device sync (compose never synchronizes)."""
-    return t.is_cpu and not torch.compiler.is_compiling()
+    return vec if vec.device == device else vec.to(device, non_blocking=True)  # device.type costs more
 
 
 def check_transform(transform: torch.Tensor, batch: int, size: int) -> None:
@@ -156,31 +155,33 @@ def compose(
     batch, channels, height, width = images.shape
     if batch < 1 or height < 1 or width < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 3 or prompt.shape[0] != channels \
-            or prompt.shape[1] != prompt.shape[2]:
+    prompt_shape = prompt.shape if isinstance(prompt, torch.Tensor) and prompt.dim() == 3 else None
+    size = -1 if prompt_shape is None else prompt_shape[2]
+    if size < 0 or prompt_shape != (channels, size, size):
         raise ValueError(f"prompt must have shape (C, S, S) with C = {channels} (the images' channels), "
                          f"got {tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-    if prompt.dtype not in _PROMPT_DTYPE_SET:
-        raise ValueError(f"prompt must be float32 or float64, got {prompt.dtype}")
+    prompt_dtype = prompt.dtype
+    if prompt_dtype not in _PROMPT_DTYPE_SET:
+        raise ValueError(f"prompt must be float32 or float64, got {prompt_dtype}")
     device = images.device
     if prompt.device != device:
         raise ValueError(f"prompt is on {prompt.device} but images are on {device}")
-    size = prompt.shape[1]
-    options = compose_options(size, prompt.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
-                              grad_region, grad_norm, out_dtype, memory_format)
+    compiling = torch.compiler.is_compiling()  # asked once: values are read on the host only outside torch.compile
+    options = compose_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
+                              grad_region, grad_norm, out_dtype, memory_format, compiling)
     if mask is not None:
         if mask.shape != (size, size):
             raise ValueError(f"mask must have shape ({size}, {size}), got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but images are on {device}")
-        if mask.dtype != prompt.dtype:
-            mask = mask.to(prompt.dtype)
-    mean_t = channel_vector("mean", mean, channels, device)
-    std_t = channel_vector("std", std, channels, device, nonzero=True)
+        if mask.dtype != prompt_dtype:
+            mask = mask.to(prompt_dtype)
+    mean_t = channel_vector("mean", mean, channels, device, False, compiling)
+    std_t = channel_vector("std", std, channels, device, True, compiling)
     if transform is not None:
         if transform.device != device and transform.device.type != "cpu":
             raise ValueError(f"transform is on {transform.device} but images are on {device}")
-        if _host_values(transform):
+        if transform.is_cpu and not compiling:  # its values checked without a device sync
             check_transform(transform, batch, size)
         transform = transform.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
     if flip is not None:
@@ -209,9 +210,9 @@ _options_cache: dict[tuple, ComposeOptions] = {}
 
 
 def compose_options(size: int, prompt_dtype: torch.dtype, inner_size, offset, fill, mode, antialias, prompt_space,
-                    grad_region, grad_norm, out_dtype, memory_format) -> ComposeOptions:
+                    grad_region, grad_norm, out_dtype, memory_format, compiling: bool) -> ComposeOptions:
     """compose's non-tensor arguments checked against an S x S canvas (``size``), as the op's options."""
-    if torch.compiler.is_compiling():  # symbolic sizes: no cache
+    if compiling:  # symbolic sizes: no cache
         return _check_options(size, prompt_dtype, inner_size, offset, fill, mode, antialias, prompt_space,
                               grad_region, grad_norm, out_dtype, memory_format)
     try:
@@ -347,11 +348,6 @@ def transform_adjoint(grad: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out
 
 
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call when it is already ``dtype`` (a no-op .to costs microseconds per call)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def compose_backward_reference(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,
@@ -363,13 +359,13 @@ def compose_backward_reference(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The prompt gradient specification: per-sample gradients over the region, then the batch rule."""
-    g = _as_dtype(grad_out, dtype)
+    g = grad_out if grad_out.dtype == dtype else grad_out.to(dtype)  # a no-op .to costs microseconds per call
     if transform is not None:
         g = transform_adjoint(g, transform)
     if prompt_space == "pixel" and std is not None:
-        g = g / _as_dtype(std, dtype).view(-1, 1, 1)
+        g = g / (std if std.dtype == dtype else std.to(dtype)).view(-1, 1, 1)
     if grad_region == "prompt" and mask is not None:
-        g = g * _as_dtype(mask, dtype)
+        g = g * (mask if mask.dtype == dtype else mask.to(dtype))
     if grad_norm in (None, "none"):
         return g.sum(0)
     flat = g.flatten(1)
@@ -410,8 +406,15 @@ COMPOSE = _library.OpDef("compose", ("images", "prompt", "mask?", "mean?", "std?
 COMPOSE_BACKWARD = _library.OpDef("compose_backward", ("grad_out", "mask?", "std?", "transform?"), ComposeGradOptions)
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(size: int, inner: int, oy: int, ox: int) -> Layout:
+    """A Layout per distinct geometry: the reference backend runs per call, and a NamedTuple costs more to build
+    than to look up."""
+    return Layout(size, inner, oy, ox)
+
+
 def _reference_forward(images, prompt, mask, mean, std, transform, flip, o: ComposeOptions) -> torch.Tensor:
-    layout = Layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
+    layout = _layout(prompt.shape[-1], o.inner_size, o.oy, o.ox)
     y = compose_reference(images, prompt, mask, mean, std, transform, layout, o.fill, o.mode, o.antialias,
                           o.prompt_space, flip)
     if y.dtype == o.out_dtype and not o.channels_last and y.is_contiguous():
@@ -448,11 +451,11 @@ _dispatch.register("compose", (
 ))
 
 
-def _select(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> _dispatch.Backend:
-    if flip is not None and transform is not None:  # the op called directly (compose() says so earlier)
-        raise ValueError(FLIP_WITH_TRANSFORM)
-    return _dispatch.select("compose", images.device, prompt.dtype,
-                            (images, prompt, mask, mean, std, transform, flip), options)
+def _select(tensors: tuple, options: ComposeOptions) -> _dispatch.Backend:
+    """The backend for (images, prompt, mask, mean, std, transform, flip): by the images' device, the prompt's dtype."""
+    if tensors[6] is not None and tensors[5] is not None:  # flip and transform: the op called directly (compose()
+        raise ValueError(FLIP_WITH_TRANSFORM)  # says so earlier)
+    return _dispatch.select("compose", tensors[0].device, tensors[1].dtype, tensors, options)
 
 
 def _compose_fake(images, prompt, mask, mean, std, transform, flip, options: ComposeOptions) -> torch.Tensor:
@@ -462,19 +465,25 @@ def _compose_fake(images, prompt, mask, mean, std, transform, flip, options: Com
                        memory_format=memory_format)
 
 
-def _select_backward(grad_out, mask, std, transform, options: ComposeGradOptions) -> _dispatch.Backend:
-    return _dispatch.select("compose", grad_out.device, options.prompt_dtype,
-                            (grad_out, mask, std, transform), options)
+def _select_backward(tensors: tuple, options: ComposeGradOptions) -> _dispatch.Backend:
+    """The backend for (grad_out, mask, std, transform): by the gradient's device, the prompt's dtype."""
+    return _dispatch.select("compose", tensors[0].device, options.prompt_dtype, tensors, options)
 
 
 def _compose_backward_fake(grad_out, mask, std, transform, options: ComposeGradOptions) -> torch.Tensor:
     return grad_out.new_empty(grad_out.shape[1:], dtype=options.prompt_dtype)
 
 
+@functools.cache
+def _grad_options(prompt_space: str, grad_region: str, grad_norm: str, prompt_dtype: torch.dtype) -> ComposeGradOptions:
+    """The backward's options per distinct value (they are built per call, a look-up costs less)."""
+    return ComposeGradOptions(prompt_space, grad_region, grad_norm, prompt_dtype)
+
+
 def _setup_context(ctx, tensors: tuple, options: ComposeOptions, output) -> None:
     _, prompt, mask, _, std, transform, _ = tensors  # the flip mirrors the image only: the gradient does not see it
     ctx.save_for_backward(mask, std, transform)
-    ctx.grad_options = ComposeGradOptions(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
+    ctx.grad_options = _grad_options(options.prompt_space, options.grad_region, options.grad_norm, prompt.dtype)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor]:

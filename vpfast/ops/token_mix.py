@@ -266,16 +266,18 @@ _dispatch.register("token_mix", (
 ))
 
 
-def _select(logits, library, options: TokenMixOptions) -> _dispatch.Backend:
-    return _dispatch.select("token_mix", logits.device, logits.dtype)
+def _select(tensors: tuple, options: TokenMixOptions) -> _dispatch.Backend:
+    """The backend for (logits, library): by the logits' device and dtype."""
+    return _dispatch.select("token_mix", tensors[0].device, tensors[0].dtype)
 
 
 def _fake(logits, library, options: TokenMixOptions) -> torch.Tensor:
     return logits.new_empty((logits.shape[0], logits.shape[1], library.shape[1]))
 
 
-def _select_backward(grad, logits, library, options: TokenMixOptions) -> _dispatch.Backend:
-    return _dispatch.select("token_mix", logits.device, logits.dtype)
+def _select_backward(tensors: tuple, options: TokenMixOptions) -> _dispatch.Backend:
+    """The backend for (grad, logits, library): by the logits' device and dtype."""
+    return _dispatch.select("token_mix", tensors[1].device, tensors[1].dtype)
 
 
 def _backward_fake(grad, logits, library, options: TokenMixOptions) -> tuple[torch.Tensor, torch.Tensor]:
