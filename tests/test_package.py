@@ -202,3 +202,11 @@ def test_info_says_why_a_build_has_no_cuda_kernels():
     base = {"extension": True, "torch": "2.14.1", "abi": "stable", "torch_target": "2.10", "cuda_kernels": False}
     assert _build_line({**base, "cuda_kernels_skipped": "VPFAST_SKIP_CUDA=1"}).endswith("CPU only (VPFAST_SKIP_CUDA=1)")
     assert _build_line(base).endswith("CPU only")
+
+
+def test_import_does_not_load_dynamo():
+    """``import vpfast`` leaves torch._dynamo unloaded (it took 6 of 11 s on the 2-core machine); the ops still
+    run eagerly and compile (tests/test_op_registration.py)."""
+    code = "import sys, vpfast; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -32,7 +32,7 @@ THREADS = 2  # CPU threads: the figures are reproducible for a given count (the 
 
 # The quick default (a few minutes on 2 idle CPU cores) and the longer CPU run the README documents.
 PRESETS = {
-    "quick": dict(image_size=96, train_limit=1536, test_limit=1000, epochs=1, batch_size=32),
+    "quick": dict(image_size=96, train_limit=1536, test_limit=500, epochs=1, batch_size=32),
     "long": dict(image_size=112, train_limit=None, test_limit=None, epochs=8, batch_size=64),
 }
 VIT_PRESETS = {
@@ -58,7 +58,7 @@ VIT_METHODS = {
 def demo_config(data: str, preset: str, out: Path, method: str) -> TrainConfig:
     settings = dict(PRESETS[preset])
     return TrainConfig(model=BACKBONE, pretrained=WEIGHTS, data=data, label_mapping="frequency", log_every=2,
-                       mapping_samples=1000, val_fraction=0.1, num_workers=0, out=str(out / method),
+                       mapping_samples=500, val_fraction=0.1, num_workers=0, out=str(out / method),
                        **MEASURED_INPUT, **settings, **METHODS[method][1])
 
 

@@ -13,6 +13,7 @@ an op whose kernels the compiled extension ``vpfast._C`` registers.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, get_origin, get_type_hints
@@ -113,6 +114,24 @@ class _Redispatch:
     backward: None = None
 
 
+class _CompilerDisabled:
+    """``torch.compiler.disable(fn)``, built on the first call made once torch._dynamo is loaded.
+
+    Disabling at definition time imports torch._dynamo, which took 6 of the 11 s of ``import vpfast`` on the
+    2-core machine. Until something imports it nothing can trace the kernel's frames, so calls run ``fn`` directly.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.disabled = fn, None
+
+    def __call__(self, *args):
+        if self.disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return self.fn(*args)
+            self.disabled = torch.compiler.disable(self.fn)
+        return self.disabled(*args)
+
+
 def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forward") -> Op:
     """Define ``opdef``: its kernel runs ``select(tensors, options).<method>`` on every device; ``fake``.
 
@@ -120,7 +139,7 @@ def define(opdef: OpDef, select: Callable, fake: Callable, method: str = "forwar
     """
     LIB.define(opdef.schema(), tags=(torch.Tag.pt2_compliant_tag,))
     op = Op(opdef, select, method)
-    LIB.impl(opdef.name, torch.compiler.disable(_unboxed(opdef, op.kernel)), "CompositeExplicitAutograd")
+    LIB.impl(opdef.name, _CompilerDisabled(_unboxed(opdef, op.kernel)), "CompositeExplicitAutograd")
     torch.library.register_fake(opdef.qualname, _unboxed(opdef, fake), lib=LIB)
     return op
 
