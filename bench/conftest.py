@@ -24,16 +24,6 @@ def pytest_addoption(parser):
                      help="write bench/results/*.json even without a GPU (smoke figures)")
 
 
-@pytest.fixture(autouse=True)
-def _vpfast_environment():
-    """vpfast reads VPFAST_BACKEND and TRITON_INTERPRET at import: after a test (and monkeypatch's undo, which runs
-    first), the values in force are read again, so that a test that set them leaves nothing behind."""
-    yield
-    dispatch = sys.modules.get("vpfast.ops._dispatch")
-    if dispatch is not None:
-        dispatch.read_environment()
-
-
 @pytest.fixture
 def record(request, benchmark):
     """record(suite, row): keep a row for the suite's JSON and show it in pytest-benchmark's extra_info."""

@@ -6,7 +6,6 @@ which must be set before triton is first imported: that happens here.
 
 import importlib
 import os
-import sys
 
 import torch
 
@@ -14,16 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _vpfast_environment():
-    """vpfast reads VPFAST_BACKEND and TRITON_INTERPRET at import: after a test (and monkeypatch's undo, which runs
-    first), the values in force are read again, so that a test that set them leaves nothing behind."""
-    yield
-    dispatch = sys.modules.get("vpfast.ops._dispatch")
-    if dispatch is not None:
-        dispatch.read_environment()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ the zero-shot head, stay float32) and runs the model under bf16 autocast, so no 
 while trainable parts inserted by prompting methods (fp32 tokens, adapter blocks) still mix in; logits
 come out float32. ``compile`` wraps the forward in ``torch.compile``. Convolutional networks run channels-last
 (NHWC): oneDNN and cuDNN pick their fast convolutions for it (EfficientNet-Lite0's forward and input-gradient
-backward take 2.8x less time on 2 CPU cores).
+backward took 1.4-2.8x less time on 2 CPU cores).
 """
 
 from collections.abc import Sequence
