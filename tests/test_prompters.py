@@ -262,6 +262,35 @@ def test_state_dict_restores_the_generator(fmt):
         assert torch.equal(resumed(images), trained(images))
 
 
+DRAWING = {
+    "evp flip": lambda: EVPrompter(image_size=S, pad=PAD, seed=5),
+    "evp diversity": lambda: EVPrompter(image_size=S, pad=PAD, diversity=Diversity(p=0.5, flip=True), seed=5),
+    "random patch": lambda: PatchPrompter(image_size=S, patch=6, random=True, seed=5),
+}
+
+
+@pytest.mark.parametrize("make", DRAWING.values(), ids=DRAWING)
+def test_draw_step_gives_the_training_forward_the_same_draws(make):
+    """draw_step draws what the forward would, in the same order, into buffers that stay put; eval forwards
+    still draw their own (the random patch)."""
+    drawing, pre_drawn = make(), make()
+    images = _images("uint8")
+    buffers = None
+    for training in (True, True, False, True):
+        drawing.train(training), pre_drawn.train(training)
+        if training:
+            pre_drawn.draw_step(B)
+            current = {name: t.data_ptr() for name, t in pre_drawn._drawn[B].items()}
+            assert buffers is None or current == buffers  # the same device memory at every step
+            buffers = current
+        assert torch.equal(pre_drawn(images), drawing(images))
+        assert torch.equal(pre_drawn.generator.get_state(), drawing.generator.get_state())
+    assert buffers  # something was drawn
+    with pytest.raises(RuntimeError, match=r"a training forward of 2 images, but draw_step was called for batch "
+                                           r"sizes \[3\] only: call draw_step\(2\)"):
+        pre_drawn(images[:2])
+
+
 def test_random_patch_locations():
     def locations(seed):
         prompter = PatchPrompter(image_size=8, patch=6, random=True, seed=seed)

@@ -22,16 +22,22 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-METHOD_OPTIONS = {"evp": {}, "pgn": dict(num_prompts=2, library_size=8), "provp": dict(num_prompts=2)}
+# Each case's method and options: EVP's recipe flips every sample at random, "evp-diversity" also moves and resizes
+# them, "patch" places its patch at random: all three draw random values for every step.
+METHOD_OPTIONS = {"evp": dict(method="evp"), "evp-diversity": dict(method="evp", diversity=0.5),
+                  "patch": dict(method="patch"), "pgn": dict(method="pgn", num_prompts=2, library_size=8),
+                  "provp": dict(method="provp", num_prompts=2)}
+RANDOM_STEPS = ("evp", "evp-diversity", "patch")
 
 
-def _run_pieces(method: str, device: str = "cpu"):
-    cfg = TrainConfig(method=method, model="open_clip:ViT-B-32", pretrained=None, model_cfg=TINY_CLIP, data="digits",
+def _run_pieces(case: str, device: str = "cpu"):
+    cfg = TrainConfig(model="open_clip:ViT-B-32", pretrained=None, model_cfg=TINY_CLIP, data="digits",
                       epochs=2, batch_size=8, train_limit=32, test_limit=8, device=device, out="unused",
-                      **METHOD_OPTIONS[method]).resolved()
+                      **METHOD_OPTIONS[case]).resolved()
     model, (train_set, _, _), classes = build_run(cfg, torch.device(device))
     optimizer, schedule = build_optimizer(cfg, model, cfg.epochs)
-    step = TrainStep(plain_loss(model, base_columns(cfg, len(classes))), optimizer, torch.device(device))
+    step = TrainStep(plain_loss(model, base_columns(cfg, len(classes))), optimizer, torch.device(device),
+                     model.draw_step)
     return model.train(), train_set, optimizer, schedule, step
 
 
@@ -53,7 +59,8 @@ HOST_ONLY_CHECKS = {"channel_vector", "check_transform"}
 
 class _HostSyncs(TorchDispatchMode):
     """Records every op that reads a tensor's value on the host (outside HOST_ONLY_CHECKS) or copies
-    between devices."""
+    between devices, except a step's random values that ``draw_step`` copies to the device as it does the
+    batch (a host-to-device copy that waits for nothing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,7 +75,9 @@ class _HostSyncs(TorchDispatchMode):
         if isinstance(out, torch.Tensor):
             devices.add(out.device.type)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and len(devices) > 1:
-            self.seen.append(f"{func} between {sorted(devices)}")
+            to_device = isinstance(out, torch.Tensor) and out.device.type != "cpu"
+            if not (to_device and "draw_step" in {frame.name for frame in traceback.extract_stack()}):
+                self.seen.append(f"{func} between {sorted(devices)}")
         return out
 
 
@@ -117,21 +126,30 @@ def test_mean_loss_is_the_mean_since_the_last_read():
 
 
 class _FakeGraph:
-    """A recorded body that runs only when replayed, as a CUDA graph does."""
+    """A recorded body that runs only when replayed, as a CUDA graph does. A real replay runs no Python, so a
+    value drawn on the host inside the body would be frozen at its capture: a replay here fails if the body
+    draws from one of ``host_generators``."""
 
-    def __init__(self, body) -> None:
-        self.body, self.replays = body, 0
+    def __init__(self, body, host_generators=()) -> None:
+        self.body, self.replays, self.host_generators = body, 0, tuple(host_generators)
 
     def replay(self) -> None:
+        before = [generator.get_state() for generator in self.host_generators]
         self.replays += 1
         self.body()
+        after = [generator.get_state() for generator in self.host_generators]
+        assert all(map(torch.equal, before, after)), "the replayed step drew random values on the host"
 
 
 class _FakeGraphedStep(GraphedStep):
     """GraphedStep's logic on the CPU: recording returns a fake graph, warm-up runs on the current stream."""
 
+    def __init__(self, step, warmup: int = 3, host_generators=()) -> None:
+        super().__init__(step, warmup)
+        self.host_generators = host_generators
+
     def _record(self, body):
-        return _FakeGraph(body)
+        return _FakeGraph(body, self.host_generators)
 
     def _eager(self, images, labels, *args):
         self.step(images, labels, *args)
@@ -161,16 +179,37 @@ def test_graphed_step_follows_the_eager_steps_exactly():
     assert graph.replays == 3 and torch.equal(static_images, train_set[torch.arange(16, 24) + 1][0])
 
 
+@pytest.mark.parametrize("case", RANDOM_STEPS)
+def test_graphed_steps_draw_new_random_values_before_every_replay(case):
+    """Flips, diversity rows and patch locations are drawn on the host before each step, never inside the
+    replayed work: the graphed run follows the eager one bit for bit. One warm-up step: the full batches are
+    captured in both epochs (a new learning rate), the last 5-image batch in the second."""
+    results = []
+    for graphed in (False, True):
+        model, train_set, optimizer, schedule, step = _run_pieces(case)
+        generators = [model.prompter.generator]
+        runner = _FakeGraphedStep(step, warmup=1, host_generators=generators) if graphed else step
+        for epoch in range(2):
+            for index in torch.arange(29).split(8):
+                runner(*train_set[index + epoch])
+            schedule.step()
+        results.append((model.prompter.prompt.detach().clone(), generators[0].get_state(), runner))
+    (eager_prompt, eager_state, _), (graphed_prompt, graphed_state, runner) = results
+    assert torch.equal(graphed_prompt, eager_prompt) and torch.equal(graphed_state, eager_state)
+    assert runner.captures == 3
+    replays = {shape[0][0]: [graph.replays for graph, _, _ in entry.graphs.values()]
+               for shape, entry in runner.shapes.items()}
+    assert replays == {8: [3], 5: [1]}
+
+
 def test_graph_support_and_the_cuda_graph_flag():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert graph_support(cpu, 1, False) == "CUDA graphs need a CUDA device, training runs on cpu"
-    assert graph_support(cuda, 1, False) is None
-    assert "DistributedDataParallel" in graph_support(cuda, 2, False)
-    assert "input diversity" in graph_support(cuda, 1, True)
+    assert graph_support(cpu, 1) == "CUDA graphs need a CUDA device, training runs on cpu"
+    assert graph_support(cuda, 1) is None
+    assert "DistributedDataParallel" in graph_support(cuda, 2)
     adam = torch.optim.Adam([torch.zeros(2, requires_grad=True)])
-    assert "create it with capturable=True" in graph_support(cuda, 1, False, adam)
-    assert graph_support(cuda, 1, False, torch.optim.Adam([torch.zeros(2, requires_grad=True)], capturable=True)) \
-        is None
+    assert "create it with capturable=True" in graph_support(cuda, 1, adam)
+    assert graph_support(cuda, 1, torch.optim.Adam([torch.zeros(2, requires_grad=True)], capturable=True)) is None
     plain = TrainStep(lambda x, y: x, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cpu)
     assert make_step(plain, None, "why", cpu) == (plain, "eager")  # no CUDA: no warning either
     assert make_step(plain, False, None, cpu) == (plain, "eager")
@@ -189,7 +228,7 @@ def test_cuda_graph_step_matches_eager_on_the_gpu(method):
     prompts = []
     for graphed in (False, True):
         model, train_set, optimizer, schedule, step = _run_pieces(method, "cuda")
-        runner, path = make_step(step, graphed, graph_support(torch.device("cuda"), 1, False, optimizer),
+        runner, path = make_step(step, graphed, graph_support(torch.device("cuda"), 1, optimizer),
                                  torch.device("cuda"))
         assert path == ("cuda-graph" if graphed else "eager")
         for epoch in range(2):

@@ -4,7 +4,9 @@ A prompter holds the learned prompt, the mask of its visible entries and the nor
 device buffers, and turns a batch of images (uint8 0..255 or float 0..1, any spatial size) into the
 prompted, normalized S x S batch a frozen model takes, in one fused op. Its own CPU
 ``torch.Generator`` draws everything random (input-diversity rows, random patch locations, the
-N(0, 1) init); its state is saved with ``state_dict`` so a resumed run repeats the same draws.
+N(0, 1) init); its state is saved with ``state_dict`` so a resumed run repeats the same draws. A training
+loop may draw a step's values before the forward (``draw_step``), into device buffers that a step
+replayed from a CUDA graph reads anew at every replay.
 Under DDP each rank has its own generator: with one seed, every rank's sample i gets the same
 diversity row; pass ``seed + rank`` for independent draws (DDP broadcasts rank 0's initial prompt).
 Methods: docs/methods.md (EVP, Bahng prompters); the op: docs/ops.md (compose).
@@ -174,9 +176,53 @@ class _Prompter(nn.Module):
         self.register_buffer("mean", _channel_buffer("mean", options.mean), persistent=False)
         self.register_buffer("std", _channel_buffer("std", options.std, nonzero=True), persistent=False)
         self.generator = torch.Generator().manual_seed(options.seed)
+        self._drawn: dict[int, dict[str, torch.Tensor]] = {}  # batch size -> draw_step's device buffers
 
-    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_and_mask(self, location: torch.Tensor | None = None,
+                         preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (C, S, S) canvas prompt and its (S, S) mask; ``location``: a training step's drawn placement."""
         raise NotImplementedError
+
+    def _draw_placement(self) -> dict[str, torch.Tensor]:
+        """A training forward's placement of the prompt, drawn first ({}: the prompt does not move)."""
+        return {}
+
+    def _draw(self, batch: int) -> dict[str, torch.Tensor]:
+        """A training forward's random values, drawn on the host from the generator in a fixed order: the
+        placement, then the diversity rows ("transform", or only the "flip" flags when nothing is moved)."""
+        draws = self._draw_placement()
+        if self.diversity is not None:
+            rows = self.diversity.draw(batch, self.image_size, self.generator)
+            check_transform(rows, batch, self.image_size)
+            if self.diversity.p > 0:
+                draws["transform"] = rows
+            elif self.diversity.flip:  # rows (S, 0, 0, flip): compose's flip flags, off the transform path
+                draws["flip"] = rows[:, 3].contiguous()
+        return draws
+
+    def draw_step(self, batch: int) -> None:
+        """Draw the next training forward's random values now, into device buffers that stay put (one set per
+        batch size), so that a training step replayed from a CUDA graph reads new values at every replay.
+
+        Once it has been called, training forwards read these buffers and draw nothing: call it before every
+        training step (``vpfast train`` does). The generator gives the same values in the same order as when
+        the forward draws them, so both ways train the same prompt.
+        """
+        draws = self._draw(batch)
+        buffers = self._drawn.setdefault(
+            batch, {name: torch.empty_like(value, device=self.prompt.device) for name, value in draws.items()})
+        for name, value in draws.items():
+            buffers[name].copy_(value, non_blocking=True)
+
+    def _step_draws(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A training forward's random values on the device: draw_step's buffers, or drawn now."""
+        batch = images.shape[0]
+        if not self._drawn:
+            return {name: value.to(images.device, non_blocking=True) for name, value in self._draw(batch).items()}
+        if batch not in self._drawn:
+            raise RuntimeError(f"a training forward of {batch} images, but draw_step was called for batch sizes "
+                               f"{sorted(self._drawn)} only: call draw_step({batch}) before each training step")
+        return self._drawn[batch]
 
     @property
     def num_trainable(self) -> int:
@@ -190,20 +236,14 @@ class _Prompter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Prompted, normalized (B, 3, S, S) batch from (B, 3, H, W) uint8 (0..255) or float (0..1) images."""
-        prompt, mask = self._prompt_and_mask()
+        draws = self._step_draws(images) if self.training else {}
+        prompt, mask = self._prompt_and_mask(draws.get("location"))
         check_channels(images, prompt.shape[0])
-        transform = flip = None
-        if self.training and self.diversity is not None:
-            rows = self.diversity.draw(images.shape[0], self.image_size, self.generator)
-            check_transform(rows, images.shape[0], self.image_size)
-            if self.diversity.p > 0:
-                transform = rows.to(images.device, non_blocking=True)
-            elif self.diversity.flip:  # rows (S, 0, 0, flip): compose's flip flags, off the transform path
-                flip = rows[:, 3].to(images.device, non_blocking=True)
         return compose(
             images, prompt, inner_size=self.inner_size, mask=mask, fill=FILL, mode=self.mode,
             antialias=self.antialias, mean=self.mean, std=self.std, prompt_space=self.prompt_space,
-            transform=transform, flip=flip, grad_region=self.grad_region, grad_norm=self.grad_norm,
+            transform=draws.get("transform"), flip=draws.get("flip"), grad_region=self.grad_region,
+            grad_norm=self.grad_norm,
             out_dtype=self.out_dtype,
         )
 
@@ -257,7 +297,8 @@ class _FramePrompter(_Prompter):
             prompt = torch.randn(3, image_size, image_size, generator=self.generator) * mask
         self.prompt = nn.Parameter(prompt)
 
-    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_and_mask(self, location: torch.Tensor | None = None,
+                         preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prompt, self.mask
 
     @property
@@ -318,10 +359,27 @@ class PatchPrompter(_Prompter):
         """(row, col) of the patch's top-left corner for the next forward (draws one if ``random``)."""
         if not self.random:
             return 0, 0
-        row, col = torch.randint(0, self.image_size - self.patch + 1, (2,), generator=self.generator).tolist()
+        row, col = self._draw_placement()["location"].tolist()
         return row, col
 
-    def _prompt_and_mask(self, preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_placement(self) -> dict[str, torch.Tensor]:
+        if not self.random:
+            return {}
+        return {"location": torch.randint(0, self.image_size - self.patch + 1, (2,), generator=self.generator)}
+
+    def _prompt_and_mask(self, location: torch.Tensor | None = None,
+                         preview: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if location is not None:
+            return self._placed(location)
         row, col = (0, 0) if preview else self.location()
         pads = (col, self.image_size - self.patch - col, row, self.image_size - self.patch - row)
         return F.pad(self.prompt, pads), F.pad(self.prompt.new_ones(self.patch, self.patch), pads)
+
+    def _placed(self, location: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch placed at a (row, col) device tensor by gathering, with no host read of the location."""
+        span = torch.arange(self.image_size, device=location.device)
+        rows, cols = span - location[0], span - location[1]
+        inside = ((rows >= 0) & (rows < self.patch))[:, None] & ((cols >= 0) & (cols < self.patch))[None, :]
+        rows, cols = rows.clamp(0, self.patch - 1), cols.clamp(0, self.patch - 1)
+        canvas = self.prompt[:, rows[:, None], cols[None, :]]
+        return torch.where(inside, canvas, 0.0), inside.to(self.prompt.dtype)

@@ -83,6 +83,14 @@ class PromptedClassifier(nn.Module):
             return self.adapter(x)
         return self.backbone(x) if self.tokens is None else self.vit(x, self.tokens(x))
 
+    def draw_step(self, batch: int) -> None:
+        """Draw the next training step's random values (a pixel prompter's diversity rows, flips, patch
+        location) into device buffers, outside the forward (``vpfast.prompters``): a step replayed from a
+        CUDA graph then gets new ones. Other prompters draw nothing."""
+        draw = getattr(self.prompter, "draw_step", None)
+        if draw is not None:
+            draw(batch)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The adapter's extra loss term from the last forward, or None."""
         extra = getattr(self.adapter, "auxiliary_loss", None)

@@ -164,7 +164,7 @@ class TrainConfig:
     log_every: int = _opt(10, "run", "steps between loss log lines", low=1)
     checkpoint_every: int = _opt(0, "run", "steps between mid-epoch checkpoints; 0: at epoch ends only", low=0)
     cuda_graph: str = _opt("auto", "run", "replay the whole training step from CUDA graphs; auto: where the run "
-                           "allows it (not under DDP, input diversity or random patches)", choices=SWITCHES)
+                           "allows it (not under DDP)", choices=SWITCHES)
     max_steps: int | None = _opt(None, "run", "stop after this many steps in total (resumable)", low=1,
                                  default_text="no limit")
 

@@ -46,11 +46,6 @@ def cuda_graph(cfg) -> bool | None:
     return {"on": True, "off": False, "auto": None}[cfg.cuda_graph]
 
 
-def host_inputs(cfg) -> bool:
-    """Whether the method draws per-step values on the host (input diversity, random patch locations)."""
-    return cfg.diversity > 0 or cfg.method == "patch"
-
-
 def decode_size(cfg) -> int:
     """The side image files are decoded to: the prompter's inner image (EVP: 164 of a 224 canvas), else the
     canvas; 224 when the canvas is the backbone's default size."""

@@ -239,8 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                                      else None) if world > 1 else model)
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None) if main_rank else None
     step = TrainStep(lambda images, labels, global_n, stand_in: _batch_loss(
-        ddp, model, images, labels, columns, global_n, world, stand_in), optimizer, device)
-    why_not = graph_support(device, world, fast.host_inputs(cfg), optimizer)
+        ddp, model, images, labels, columns, global_n, world, stand_in), optimizer, device, model.draw_step)
+    why_not = graph_support(device, world, optimizer)
     run_step, path = make_step(step, fast.cuda_graph(cfg), why_not, device)
     speed = fast.report(model, train_set, path, why_not)
     if extension is not None and main_rank:

@@ -2,9 +2,11 @@
 optionally captured in CUDA graphs.
 
 ``TrainStep`` is a plain function of (images, labels): the loss is summed on the device and read only
-through ``mean_loss`` (at log intervals). ``GraphedStep`` wraps it: per input shape it runs
-``warmup`` eager steps (they allocate optimizer state and warm the libraries), then captures one step
-in a CUDA graph and replays it with each new batch copied into the captured inputs. The last partial
+through ``mean_loss`` (at log intervals); a step's random values (input diversity, flips, patch
+locations) are drawn on the host before its device work, into buffers the device work reads.
+``GraphedStep`` wraps it: per input shape it runs ``warmup`` eager steps (they allocate optimizer state
+and warm the libraries), then captures one step in a CUDA graph and replays it with each new batch
+copied into the captured inputs and each step's draws made before the replay. The last partial
 batch of an epoch gets its own graph, so no shape is recompiled or padded. The learning rates are part of
 the key, since the optimizers read them as Python numbers: a scheduler step means one new capture per
 epoch. Every call is a real training step, whatever path it takes.
@@ -24,19 +26,26 @@ class TrainStep:
     """``loss(images, labels, *args)``, backward, ``optimizer.step()``; the loss summed on the device.
 
     ``args`` are host values the loss reads (e.g. the global batch size under DDP); ``GraphedStep`` keys
-    its graphs on them.
+    its graphs on them. ``draw(batch_size)``, if given, draws the step's random values on the host into
+    the device buffers the loss reads (``PromptedClassifier.draw_step``), outside the device work.
     """
 
     def __init__(self, loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
-                 device: torch.device) -> None:
-        self.loss, self.optimizer = loss, optimizer
+                 device: torch.device, draw: Callable[[int], None] | None = None) -> None:
+        self.loss, self.optimizer, self.draw = loss, optimizer, draw
         self.loss_sum = torch.zeros((), device=device)
         self.loss_steps = 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         """One step; the loss stays on the device."""
+        self.draw_step(images)
         self.compute(images, labels, *args)
         self.loss_steps += 1
+
+    def draw_step(self, images: torch.Tensor) -> None:
+        """The host part of a step: draw its random values (nothing without ``draw``)."""
+        if self.draw is not None:
+            self.draw(images.shape[0])
 
     def compute(self, images: torch.Tensor, labels: torch.Tensor, *args) -> None:
         """The device work of one step (what a CUDA graph captures): no host value is read or written."""
@@ -82,6 +91,7 @@ class GraphedStep:
             self._eager(images, labels, *args)
             shape.eager_runs += 1
             return
+        self.step.draw_step(images)
         key = (self._learning_rates(), args)
         if key not in shape.graphs:
             shape.graphs = {key: self._capture(images, labels, *args)}  # older rates never come back: free them
@@ -116,13 +126,12 @@ class GraphedStep:
         return graph, static_images, static_labels
 
 
-def graph_support(device: torch.device, world_size: int, host_inputs: bool,
+def graph_support(device: torch.device, world_size: int,
                   optimizer: torch.optim.Optimizer | None = None) -> str | None:
     """Why the step cannot be captured in a CUDA graph (None: it can).
 
-    ``host_inputs``: the model draws per-step values on the host (input diversity, random patch
-    locations), which a replayed graph would not see change. An optimizer with a ``capturable`` option
-    (Adam) must have it on: otherwise it counts steps on the host.
+    An optimizer with a ``capturable`` option (Adam) must have it on: otherwise it counts steps on the
+    host. A step's random values are no obstacle: ``TrainStep.draw`` makes them before each replay.
     """
     if optimizer is not None and any(group.get("capturable") is False for group in optimizer.param_groups):
         return f"{type(optimizer).__name__} counts its steps on the host (create it with capturable=True)"
@@ -130,8 +139,6 @@ def graph_support(device: torch.device, world_size: int, host_inputs: bool,
         return f"CUDA graphs need a CUDA device, training runs on {device}"
     if world_size > 1:
         return "not under DistributedDataParallel (its gradient all-reduce is not captured here)"
-    if host_inputs:
-        return "the method draws per-step random values on the host (input diversity or random patches)"
     return None
 
 
