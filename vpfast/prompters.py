@@ -108,6 +108,13 @@ class Diversity:
         return torch.cat([placed, flip[:, None]], 1).to(torch.int32)
 
 
+def _pinned(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host ``values`` on their way to ``device``: in page-locked memory when that is a GPU, so the copy is
+    asynchronous (a copy from pageable memory may wait for the stream); torch's pinned-memory cache reuses
+    a block only once its copy has completed."""
+    return values.pin_memory() if device.type == "cuda" else values
+
+
 EVP_FLIP = Diversity(p=0.0, flip=True)  # EVP's augmentation: a random horizontal flip, nothing else
 
 
@@ -212,13 +219,14 @@ class _Prompter(nn.Module):
         buffers = self._drawn.setdefault(
             batch, {name: torch.empty_like(value, device=self.prompt.device) for name, value in draws.items()})
         for name, value in draws.items():
-            buffers[name].copy_(value, non_blocking=True)
+            buffers[name].copy_(_pinned(value, buffers[name].device), non_blocking=True)
 
     def _step_draws(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """A training forward's random values on the device: draw_step's buffers, or drawn now."""
         batch = images.shape[0]
         if not self._drawn:
-            return {name: value.to(images.device, non_blocking=True) for name, value in self._draw(batch).items()}
+            return {name: _pinned(value, images.device).to(images.device, non_blocking=True)
+                    for name, value in self._draw(batch).items()}
         if batch not in self._drawn:
             raise RuntimeError(f"a training forward of {batch} images, but draw_step was called for batch sizes "
                                f"{sorted(self._drawn)} only: call draw_step({batch}) before each training step")
