@@ -25,15 +25,21 @@ setup_venv() {
   local bin
   bin="$(cd "$VENV/bin" && pwd)"
   export PATH="$bin:$PATH"
-  local install rebuild
-  case "${VPFAST_INSTALLER:-uv}" in
-    uv)
-      [ -x "$bin/uv" ] || "$PY" -m pip install --quiet uv
-      install=("$bin/uv" pip install --quiet --python "$PY")
-      rebuild=(--reinstall-package vpfast) ;;
-    pip) install=("$PY" -m pip install --quiet --no-compile) rebuild=() ;;
-    *) echo "setup_venv: VPFAST_INSTALLER must be uv or pip, got '$VPFAST_INSTALLER'" >&2; return 1 ;;
+  local installer="${VPFAST_INSTALLER:-uv}" install rebuild
+  case "$installer" in
+    uv | pip) ;;
+    *) echo "setup_venv: VPFAST_INSTALLER must be uv or pip, got '$installer'" >&2; return 1 ;;
   esac
+  if [ "$installer" = uv ] && [ ! -x "$bin/uv" ] && ! "$PY" -m pip install --quiet uv; then
+    echo "setup_venv: uv could not be installed from the package index, installing with pip instead" \
+         "(slower; VPFAST_INSTALLER=pip chooses pip from the start)" >&2
+    installer=pip
+  fi
+  if [ "$installer" = uv ]; then
+    install=("$bin/uv" pip install --quiet --python "$PY") rebuild=(--reinstall-package vpfast)
+  else
+    install=("$PY" -m pip install --quiet --no-compile) rebuild=()
+  fi
   "${install[@]}" "torch==2.14.1" "torchvision==0.29.1" "setuptools>=64" wheel ninja
   local cuda_home="${CUDA_HOME:-/usr/local/cuda}"
   if [ -x "$cuda_home/bin/nvcc" ]; then
