@@ -286,6 +286,8 @@ def test_draw_step_gives_the_training_forward_the_same_draws(make):
         assert torch.equal(pre_drawn(images), drawing(images))
         assert torch.equal(pre_drawn.generator.get_state(), drawing.generator.get_state())
     assert buffers  # something was drawn
+    pre_drawn.to("meta").draw_step(B)  # moved to another device: the buffers follow the prompt
+    assert {t.device.type for t in pre_drawn._drawn[B].values()} == {"meta"}
     with pytest.raises(RuntimeError, match=r"a training forward of 2 images, but draw_step was called for batch "
                                            r"sizes \[3\] only: call draw_step\(2\)"):
         pre_drawn(images[:2])

@@ -216,8 +216,10 @@ class _Prompter(nn.Module):
         the forward draws them, so both ways train the same prompt.
         """
         draws = self._draw(batch)
-        buffers = self._drawn.setdefault(
-            batch, {name: torch.empty_like(value, device=self.prompt.device) for name, value in draws.items()})
+        buffers = self._drawn.get(batch)
+        if buffers is None or any(buffer.device != self.prompt.device for buffer in buffers.values()):
+            buffers = {name: torch.empty_like(value, device=self.prompt.device) for name, value in draws.items()}
+            self._drawn[batch] = buffers  # new ones only for a new batch size, or after the prompter moved
         for name, value in draws.items():
             buffers[name].copy_(_pinned(value, buffers[name].device), non_blocking=True)
 
