@@ -12,6 +12,8 @@
 #   bench-train  bench/test_train_bench.py (the real `vpfast train` loop against released/eager/floor, per method)
 #   lease      what one 15-minute lease runs, in <= 8 minutes of wall time: env, build, gpu, bench-evp, bench-train
 #              with tighter limits (open_clip, ftfy and wcwidth must travel as wheels in .whl/)
+#   lease-kernels  the same budget for the kernels' targets (issue 18): env, build, gpu, then compose at B=256 and
+#              1024 (vpfast, and eager without the per-sample loop) and token_mix, with the copy bandwidth
 #
 # Each step has its own time limit and log; logs and bench/results/*.json land in $OUT (default
 # /tmp/vpfast-gpu). Python packages the machine lacks travel as wheels in .whl/ (installed first).
@@ -37,6 +39,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     tail -n 25 "$OUT/$name.log"
 }
 
+lease_start() {  # lease_start MODULE: what both leases begin with (env, a quick build, the gpu tier)
+    step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch, $1; print(torch.__version__)'"
+    step build 100 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
+torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation --no-deps -e ."
+    step gpu 60 "${PYTEST[@]}" -m gpu tests
+}
+
 for name in "$@"; do
     case $name in
         env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, \
@@ -49,12 +58,13 @@ torch.cuda.get_device_capability())') $PY -m pip install --no-build-isolation --
         bench-compose) step bench-compose 550 "${PYTEST[@]}" bench/test_compose_bench.py ;;
         bench-evp) step bench-evp 400 "${PYTEST[@]}" bench/test_evp_step_bench.py ;;
         bench-train) step bench-train 300 "${PYTEST[@]}" bench/test_train_bench.py ;;
-        lease) step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch, open_clip; print(torch.__version__)'"
-            step build 100 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
-torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation --no-deps -e ."
-            step gpu 60 "${PYTEST[@]}" -m gpu tests
+        lease) lease_start open_clip
             step bench-evp 60 "${PYTEST[@]}" bench/test_evp_step_bench.py
             step bench-train 240 "${PYTEST[@]}" bench/test_train_bench.py ;;
+        lease-kernels) lease_start torch
+            step bench-compose 180 "${PYTEST[@]}" bench/test_compose_bench.py \
+                -k "(vpfast or (eager and plain)) and (256 or 1024)"
+            step bench-mix 120 "${PYTEST[@]}" bench/test_token_mix_bench.py ;;
         bench-host) step bench-host 120 "${PYTEST[@]}" bench/test_host_overhead_bench.py ;;
         bench-transform) step bench-transform 300 "${PYTEST[@]}" bench/test_compose_bench.py -k "transform and vpfast"
             mv bench/results/compose-*.json "$OUT/compose-transform-vpfast.json" ;;
