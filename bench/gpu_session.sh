@@ -39,8 +39,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     tail -n 25 "$OUT/$name.log"
 }
 
-lease_start() {  # lease_start MODULE: what both leases begin with (env, a quick build, the gpu tier)
-    step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch, $1; print(torch.__version__)'"
+lease_start() {  # lease_start [MODULE]: what both leases begin with (env, MODULE imported too, build, gpu tier)
+    step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch${1:+, $1}; print(torch.__version__)'"
     step build 100 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
 torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation --no-deps -e ."
     step gpu 60 "${PYTEST[@]}" -m gpu tests
@@ -61,7 +61,7 @@ torch.cuda.get_device_capability())') $PY -m pip install --no-build-isolation --
         lease) lease_start open_clip
             step bench-evp 60 "${PYTEST[@]}" bench/test_evp_step_bench.py
             step bench-train 240 "${PYTEST[@]}" bench/test_train_bench.py ;;
-        lease-kernels) lease_start torch
+        lease-kernels) lease_start
             step bench-compose 180 "${PYTEST[@]}" bench/test_compose_bench.py \
                 -k "(vpfast or (eager and plain)) and (256 or 1024)"
             step bench-mix 120 "${PYTEST[@]}" bench/test_token_mix_bench.py ;;

@@ -9,9 +9,9 @@
 # Packages are installed by uv (pip-installed into the venv first): it unpacks wheels in parallel and,
 # with its cache warm, links torch's 5 GB from there, 1 s instead of pip's 48 s on 2 cores. uv reads
 # the UV_* variables (UV_INDEX_URL, UV_EXTRA_INDEX_URL, ...), not pip's configuration;
-# VPFAST_INSTALLER=pip installs with pip instead. vpfast itself is always rebuilt (--reinstall-package
-# vpfast), so a changed csrc/ is never served from uv's cache. Nothing is byte-compiled at install
-# time; one import of vpfast and its model libraries byte-compiles what they use, even where
+# VPFAST_INSTALLER=pip installs with pip instead, as happens (with a message) when uv cannot be
+# installed. vpfast itself is always rebuilt (--reinstall-package vpfast), so a changed csrc/ is
+# never served from uv's cache. Nothing is byte-compiled at install time; one import of vpfast and its model libraries byte-compiles what they use, even where
 # PYTHONDONTWRITEBYTECODE is set (without those files, every later start would recompile them: 11 s
 # instead of 3 s for `vpfast info` on 2 cores).
 

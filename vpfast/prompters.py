@@ -253,8 +253,7 @@ class _Prompter(nn.Module):
             images, prompt, inner_size=self.inner_size, mask=mask, fill=FILL, mode=self.mode,
             antialias=self.antialias, mean=self.mean, std=self.std, prompt_space=self.prompt_space,
             transform=draws.get("transform"), flip=draws.get("flip"), grad_region=self.grad_region,
-            grad_norm=self.grad_norm,
-            out_dtype=self.out_dtype,
+            grad_norm=self.grad_norm, out_dtype=self.out_dtype,
         )
 
     @torch.no_grad()
