@@ -33,7 +33,12 @@ from ._launch import AotCase, Launch, LoopDesign
 _empty = torch.empty  # every allocation goes through here, so tests can poison it
 
 NUM_WARPS = 4
-PROGRAMS_PER_SM = 4  # occupancy the launchers assume; the aot tier checks registers against it
+PROGRAMS_PER_SM = 4  # occupancy the launchers assume (their grids hold PROGRAMS_PER_SM x NUM_WARPS warps per SM)
+# Registers per thread at that occupancy (65,536 per SM), passed to every launch as Triton's maxnreg: without it,
+# ptxas picks its own target, and Triton 3.6 (ptxas 12.8) compiled the forward to 159-168 registers, 3 programs per
+# SM, so the launchers' last wave ran a quarter full; Triton 3.8 (ptxas 12.9) chose 128. The aot tier checks for
+# spills under this cap.
+MAX_REGISTERS = 65536 // (PROGRAMS_PER_SM * NUM_WARPS * 32)
 TILE = 1024  # canvas pixels per program tile: 8 per thread, one 128-bit bf16 store per row run
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 # SASS instructions per output element allowed in the aot tier (aot.py, sass_per_output), per loop over the batch
@@ -586,7 +591,8 @@ def term_launch(prompt, mask, mean, std, inner, oy, ox, fill, prompt_space, term
     args = (term, prompt, dummy if mask is None else mask, dummy if mean is None else mean,
             dummy if std is None else std, size, inner, oy, ox, float(fill))
     constexprs = dict(C=channels, BLOCK=block, HAS_MASK=mask is not None, HAS_MEAN=mean is not None,
-                      HAS_STD=std is not None, PIXEL=prompt_space == "pixel", num_warps=NUM_WARPS)
+                      HAS_STD=std is not None, PIXEL=prompt_space == "pixel", num_warps=NUM_WARPS,
+                      maxnreg=MAX_REGISTERS)
     return Launch(_compose_term_kernel, (triton.cdiv(size * size, block),), args, constexprs)
 
 
@@ -639,7 +645,8 @@ def transform_taps_launch(images, transform, size, inner, oy, ox, mode, antialia
         _transform_taps_kernel, (blocks, batch_programs(batch, blocks, wanted)),
         (taps, transform, batch, size, inner, oy, ox, height, width, height / inner, width / inner, padded),
         dict(F=plan.shape[2], BLOCK=block, KH=kh, KW=kw, KCH=plan.slots_y, KCW=plan.slots_x, Y_BICUBIC=y_bicubic,
-             Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, num_warps=NUM_WARPS, enable_fp_fusion=False),
+             Y_AA=y_aa, X_BICUBIC=x_bicubic, X_AA=x_aa, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+             enable_fp_fusion=False),
     )
 
 
@@ -665,7 +672,7 @@ def forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias
         args = (out, images, term, dummy if mean is None else mean, dummy if std is None else std, taps, batch,
                 *images.stride(), *out.stride(), float(fill), n_col_tiles, plan.shape[-1])
         constexprs = dict(common, S=size, BW=columns, KCH=plan.slots_y, KCW=plan.slots_x, F=plan.shape[2],
-                          HAS_MEAN=mean is not None, num_warps=1)
+                          HAS_MEAN=mean is not None, num_warps=1, maxnreg=MAX_REGISTERS)
         # one warp per program: as many programs per SM as the plain kernel's warps
         programs = batch_programs(batch, tiles, wanted * NUM_WARPS)
         return Launch(_compose_transform_fwd_kernel, (tiles, programs), args, constexprs)
@@ -682,7 +689,7 @@ def forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias
     )
     constexprs = dict(
         common, ROWS=rows, BW=columns, KH=kh, KW=kw, Y_BICUBIC=y_bicubic, Y_AA=y_aa, X_BICUBIC=x_bicubic,
-        X_AA=x_aa, HAS_FLIP=flip is not None, num_warps=NUM_WARPS,
+        X_AA=x_aa, HAS_FLIP=flip is not None, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     return Launch(_compose_fwd_kernel, (tiles, batch_programs(batch, tiles, wanted)), args, constexprs)
 
@@ -725,7 +732,7 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
     use_std = std is not None and prompt_space == "pixel"
     common = dict(C=channels, CP=triton.next_power_of_2(channels), ROWS=rows, BW=columns, KT=TRANSFORM_TAPS,
                   HAS_MASK=use_mask, HAS_STD=use_std, HAS_TRANSFORM=transform is not None,
-                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS)
+                  WIDE=_wide(_extent(grad_out), channels * size * size), num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     pointers = (mask if use_mask else dummy, std if use_std else dummy, dummy if transform is None else transform,
                 dummy if transform is None else table)
     launches = []
@@ -735,7 +742,7 @@ def backward_launches(grad_out, mask, std, transform, prompt_space, grad_region,
         launches.append(Launch(
             _adjoint_table_kernel, (blocks, batch_programs(batch, blocks, wanted)),
             (table, transform, size, batch, padded),
-            dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS, enable_fp_fusion=False),
+            dict(BLOCK=block, KT=TRANSFORM_TAPS, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, enable_fp_fusion=False),
         ))
     if grad_norm != "none":
         launches.append(Launch(

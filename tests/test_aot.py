@@ -42,6 +42,16 @@ def test_no_spills_registers_within_budget_and_vectorized(kernel_report):
     assert not bad, "\n".join(bad)
 
 
+def test_every_launch_caps_registers_at_the_assumed_occupancy():
+    """Each launch passes maxnreg, so every Triton compiles for the occupancy that sizes the grids."""
+    from vpfast.kernels import compose
+
+    assert compose.MAX_REGISTERS == 65536 // (compose.PROGRAMS_PER_SM * compose.NUM_WARPS * 32) == 128
+    uncapped = [case.name for arch in aot.ARCHS for case in compose.aot_cases(arch)
+                if case.launch.constexprs.get("maxnreg") != compose.MAX_REGISTERS]
+    assert not uncapped
+
+
 def test_extension_kernels_are_reported(kernel_report):
     if not _extension.status().has_cuda:
         pytest.skip("vpfast._C was built without CUDA kernels")

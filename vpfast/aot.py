@@ -33,7 +33,6 @@ from collections import Counter
 from pathlib import Path
 
 ARCHS = (80, 90)
-REGISTERS_PER_SM = 65536
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9_]+)*)")
@@ -195,10 +194,6 @@ def triton_cases(arch: int) -> list:
     return [case for module in kernel_modules("triton") for case in importlib.import_module(module).aot_cases(arch)]
 
 
-def _register_budget(num_warps: int, programs_per_sm: int) -> int:
-    return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32))
-
-
 def compile_case(case, arch: int) -> KernelReport:
     """Compile one case for one target and read its resources and memory accesses."""
     from vpfast.kernels import compose
@@ -214,8 +209,8 @@ def compile_case(case, arch: int) -> KernelReport:
         case=case.name, kernel=case.launch.kernel.fn.__name__, arch=arch, num_warps=num_warps,
         registers=registers, stack=stack, shared=shared, local=local, loads=loads, stores=stores,
         # the launchers keep PROGRAMS_PER_SM x NUM_WARPS warps per SM (one-warp programs come NUM_WARPS times as
-        # many), so every kernel's per-thread budget is that occupancy's
-        register_budget=_register_budget(compose.NUM_WARPS, compose.PROGRAMS_PER_SM),
+        # many), so every kernel's per-thread budget is that occupancy's, which each launch passes as maxnreg
+        register_budget=compose.MAX_REGISTERS,
         min_store_bits=case.min_store_bits, min_load_bits=case.min_load_bits,
         loops=loops, sass_per_output=spo or None, sass_budgets={name: d.budget for name, d in paths.items()} or None,
         loop_problems=loop_problems,
