@@ -34,5 +34,7 @@ def triton_backend(monkeypatch):
 
     if not _dispatch.interpreter_enabled():
         pytest.skip("the interpreter tier runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)")
+    if why := _dispatch.interpreter_problem():
+        pytest.skip(why)
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
     _dispatch.read_environment()

@@ -91,6 +91,7 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 
 
 def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_dispatch, "interpreter_problem", lambda: "")
     monkeypatch.setenv("VPFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _dispatch.read_environment()
@@ -99,6 +100,30 @@ def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _dispatch.read_environment()
     assert _dispatch.choose("compose", CPU) == "triton"
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "refused"),
+                         [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False),
+                          ("3.8.0", "2.4.6", False)])
+def test_the_interpreter_is_refused_where_triton_cannot_run_the_kernels(monkeypatch, triton_version, numpy_version,
+                                                                        refused):
+    """Triton 3.6's interpreter fails on every vpfast kernel with numpy 2.4 (triton-lang/triton#9171)."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    why = _dispatch.interpreter_problem.__wrapped__()
+    assert bool(why) == refused
+    if refused:
+        assert why == (f"Triton {triton_version}'s interpreter cannot run these kernels with numpy {numpy_version} "
+                       "(triton-lang/triton#9171): use Triton >= 3.7 or numpy < 2.4")
+        monkeypatch.setattr(_dispatch, "interpreter_problem", lambda: why)
+        monkeypatch.setenv("VPFAST_BACKEND", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _dispatch.read_environment()
+        with pytest.raises(RuntimeError, match=r"triton-lang/triton#9171"):
+            _dispatch.choose("compose", CPU)
 
 
 def test_compose_float64_is_not_reported_as_triton(monkeypatch):

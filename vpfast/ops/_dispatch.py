@@ -104,13 +104,32 @@ def interpreter_enabled() -> bool:
     return _environment["TRITON_INTERPRET"] == "1"
 
 
+@functools.cache
+def interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run vpfast's kernels with this Triton and numpy ("" when it can).
+
+    Before Triton 3.7 the interpreter turns a one-element array into a Python int for ``tl.range`` bounds
+    such as ``tl.program_id``, which numpy 2.4 refuses (triton-lang/triton#9171).
+    """
+    import numpy
+    import triton
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(triton.__version__) < (3, 7) and TorchVersion(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {numpy.__version__} "
+                "(triton-lang/triton#9171): use Triton >= 3.7 or numpy < 2.4")
+    return ""
+
+
 def triton_runs_on(device_type: str) -> str:
     """Why the Triton kernels cannot run on ``device_type`` here ("" when they can)."""
     ok, why = triton_status()
     if not ok:
         return why
-    if device_type == "cuda" or (device_type == "cpu" and interpreter_enabled()):
+    if device_type == "cuda":
         return ""
+    if device_type == "cpu" and interpreter_enabled():
+        return interpreter_problem()
     return f"Triton runs {device_type} tensors only under TRITON_INTERPRET=1"
 
 
