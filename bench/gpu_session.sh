@@ -10,6 +10,8 @@
 #   bench-host bench/test_host_overhead_bench.py  (host time per call: checks, dispatch, autograd, launches)
 #   bench-transform  the compose cases with the per-sample transform, vpfast only (to compose-transform-vpfast.json)
 #   bench-train  bench/test_train_bench.py (the real `vpfast train` loop against released/eager/floor, per method)
+#   wheels     (here, before a lease: PIP_PY=.venv/bin/python) the wheels the machine lacks, into .whl/:
+#              open_clip_torch at the installed version, ftfy, wcwidth; pass .whl to the device tool's carry
 #   lease      what one 15-minute lease runs, in <= 8 minutes of wall time: env, build, gpu, bench-evp, bench-train
 #              with tighter limits (open_clip, ftfy and wcwidth must travel as wheels in .whl/)
 #   lease-kernels  the same budget for the kernels' targets (issue 18): env, build, gpu, then compose at B=256 and
@@ -48,6 +50,9 @@ torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation
 
 for name in "$@"; do
     case $name in
+        wheels) ${PIP_PY:-$PY} -m pip download -q --no-deps --only-binary=:all: -d .whl \
+                "open_clip_torch==$(${PIP_PY:-$PY} -c 'import open_clip; print(open_clip.__version__)')" ftfy wcwidth \
+            && ls .whl ;;
         env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, \
 triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'" ;;
         build) step build 400 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
