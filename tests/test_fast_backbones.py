@@ -46,7 +46,7 @@ def _logits_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float(((a.float() - b.float()).norm() / b.float().norm()).detach())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
