@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vpfast.train.build import build_optimizer
 from vpfast.train.config import TrainConfig
 from vpfast.train.loop import base_columns, build_run
+from vpfast.train.resume import restore
 from vpfast.train.step import GraphedStep, TrainStep, graph_support, make_step
 
 pytestmark = pytest.mark.cpu
@@ -26,7 +27,7 @@ TINY_CLIP = {
 # them, "patch" places its patch at random: all three draw random values for every step.
 METHOD_OPTIONS = {"evp": dict(method="evp"), "evp-diversity": dict(method="evp", diversity=0.5),
                   "patch": dict(method="patch"), "pgn": dict(method="pgn", num_prompts=2, library_size=8),
-                  "provp": dict(method="provp", num_prompts=2)}
+                  "provp": dict(method="provp", num_prompts=2), "protuning": dict(method="protuning", vit_stages=2)}
 RANDOM_STEPS = ("evp", "evp-diversity", "patch")
 
 
@@ -55,6 +56,8 @@ def plain_loss(model, columns: slice = slice(None)):
 # Argument checks compose runs only on host tensors (their values read on the CPU): on a GPU they are skipped, on the
 # CPU their reads are no synchronization.
 HOST_ONLY_CHECKS = {"channel_vector", "check_transform"}
+# On the CPU Adam is not capturable (count_steps_on_device) and reads its step count on the host: no synchronization.
+CPU_ONLY_READS = {"_get_value"}
 
 
 class _HostSyncs(TorchDispatchMode):
@@ -62,13 +65,14 @@ class _HostSyncs(TorchDispatchMode):
     between devices, except a step's random values that ``draw_step`` copies to the device as it does the
     batch (a host-to-device copy that waits for nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: set[str] = HOST_ONLY_CHECKS) -> None:
         super().__init__()
         self.seen: list[str] = []
+        self.allowed = allowed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._local_scalar_dense.default and not HOST_ONLY_CHECKS & {
+        if func is torch.ops.aten._local_scalar_dense.default and not self.allowed & {
                 frame.name for frame in traceback.extract_stack()}:
             self.seen.append(str(func))
         devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
@@ -92,7 +96,7 @@ def test_steps_make_no_host_synchronization(method, device):
     batches = [(x.to(device), y.to(device)) for x, y in
                (train_set[i * 8:(i + 1) * 8] for i in range(3))]  # the batch is moved before the trace
     step(*batches[0])  # the first step creates the optimizer state
-    with _HostSyncs() as trace:
+    with _HostSyncs(HOST_ONLY_CHECKS | (CPU_ONLY_READS if device == "cpu" else set())) as trace:
         for images, labels in batches:
             step(images, labels)
     assert trace.seen == []
@@ -219,6 +223,33 @@ def test_graph_support_and_the_cuda_graph_flag():
         make_step(plain, True, "why", cpu)
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         GraphedStep(plain, warmup=0)
+
+
+def test_adam_counts_its_steps_where_its_parameters_are():
+    """Pro-tuning's Adam is capturable on CUDA only (its update then reads no host value); a checkpoint of a CUDA run,
+    capturable, resumes on the CPU with the option off."""
+    model, train_set, optimizer, schedule, step = _run_pieces("protuning")
+    assert [group["capturable"] for group in optimizer.param_groups] == [False] * len(optimizer.param_groups)
+    step(*train_set[0:8])
+    saved_optimizer = optimizer.state_dict()
+    for group in saved_optimizer["param_groups"]:
+        group["capturable"] = True
+    saved = {"tensors": model.trainable_state(), "state": {"epoch": 0}, "optimizer": saved_optimizer,
+             "rng": torch.get_rng_state(), "schedule": schedule.state_dict()}
+    restore(saved, 2, 2, model, optimizer, schedule)
+    assert [group["capturable"] for group in optimizer.param_groups] == [False] * len(optimizer.param_groups)
+    steps = [state["step"] for state in optimizer.state.values()]
+    assert steps and all(s.device.type == "cpu" and s.dtype == torch.float32 and float(s) == 1 for s in steps)
+    step(*train_set[8:16])
+    assert all(float(state["step"]) == 2 for state in optimizer.state.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adam_is_capturable_on_the_gpu():
+    _, _, optimizer, _, _ = _run_pieces("protuning", "cuda")
+    assert all(group["capturable"] for group in optimizer.param_groups)
+    assert graph_support(torch.device("cuda"), 1, optimizer) is None
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from vpfast.optim import NormalizedSGD, cosine_per_epoch
 from vpfast.prompt_tokens import PromptedViT
 from vpfast.train import fast
 from vpfast.train.config import TrainConfig
+from vpfast.train.step import count_steps_on_device
 
 IMAGENET_CLASSES = 1000
 
@@ -192,6 +193,7 @@ def build_optimizer(cfg: TrainConfig, model: PromptedClassifier, epochs: int):
                                     weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        count_steps_on_device(optimizer)  # capturable on CUDA: the step can be replayed from a CUDA graph
     if not cfg.warmup_epochs and not cfg.min_lr_ratio:
         return optimizer, cosine_per_epoch(optimizer, epochs)
     sched = torch.optim.lr_scheduler

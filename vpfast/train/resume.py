@@ -19,6 +19,7 @@ import torch
 
 from vpfast.train import checkpoint
 from vpfast.train.config import TrainConfig
+from vpfast.train.step import count_steps_on_device
 
 SAFE_OVERRIDES = ("epochs", "max_steps", "log_every", "checkpoint_every", "num_workers", "device", "data_root",
                   "download", "out", "data_device", "cuda_graph")
@@ -80,6 +81,7 @@ def restore(saved: dict, saved_epochs: int, epochs: int, model: torch.nn.Module,
     done = saved["state"]["epoch"]
     rates = _rates_after(schedule, optimizer, done) if epochs != saved_epochs else None
     optimizer.load_state_dict(saved["optimizer"])
+    count_steps_on_device(optimizer)  # the saved run's device may differ from this one's
     torch.set_rng_state(saved["rng"])
     if rates is None:
         schedule.load_state_dict(saved["schedule"])

@@ -126,6 +126,22 @@ class GraphedStep:
         return graph, static_images, static_labels
 
 
+def count_steps_on_device(optimizer: torch.optim.Optimizer) -> None:
+    """Set the ``capturable`` option (Adam's, and the other optimizers that have one) of each parameter group to
+    whether its parameters are on CUDA, with its step counts moved there: then the update reads no host value and
+    can be replayed from a CUDA graph. A loaded state_dict brings back the option of the run that saved it, so
+    call this after loading too."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            continue
+        on_cuda = all(p.is_cuda for p in group["params"])
+        group["capturable"] = on_cuda
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device if on_cuda else "cpu", dtype=torch.float32)
+
+
 def graph_support(device: torch.device, world_size: int,
                   optimizer: torch.optim.Optimizer | None = None) -> str | None:
     """Why the step cannot be captured in a CUDA graph (None: it can).
