@@ -41,11 +41,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     tail -n 25 "$OUT/$name.log"
 }
 
+gpu_files() {  # the gpu tier's files, the kernels' first: the step tests compile models, so a short limit cuts them
+    local first=(tests/test_compose_gpu.py tests/test_token_mix_gpu.py)
+    echo "${first[@]}" $(grep -l "mark.gpu" tests/test_*.py | grep -v -e test_compose_gpu -e test_token_mix_gpu)
+}
+
 lease_start() {  # lease_start [MODULE]: what both leases begin with (env, MODULE imported too, build, gpu tier)
     step env 15 bash -c "nvidia-smi -L; $PY -c 'import torch${1:+, $1}; print(torch.__version__)'"
     step build 100 bash -c "TORCH_CUDA_ARCH_LIST=\$($PY -c 'import torch; print(\"%d.%d\" % \
 torch.cuda.get_device_capability())') $PY -m pip install -q --no-build-isolation --no-deps -e ."
-    step gpu 60 "${PYTEST[@]}" -m gpu tests
+    step gpu 60 "${PYTEST[@]}" -m gpu --durations=15 $(gpu_files)
 }
 
 for name in "$@"; do
