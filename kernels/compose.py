@@ -35,11 +35,11 @@ _empty = torch.empty  # every allocation goes through here, so tests can poison 
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4  # occupancy the launchers assume (their grids hold PROGRAMS_PER_SM x NUM_WARPS warps per SM)
 # Registers per thread at that occupancy (65,536 per SM), passed to every launch as Triton's maxnreg: without it,
-# ptxas picks its own target, and Triton 3.6 (ptxas 12.8) compiled the forward to 159-168 registers, 3 programs per
-# SM, so the launchers' last wave ran a quarter full; Triton 3.8 (ptxas 12.9) chose 128. The aot tier checks for
-# spills under this cap.
+# ptxas picks its own target, and Triton 3.6 (ptxas 12.8) compiled the forward to 159-168 registers: 3 programs fit
+# per SM, so one program in 4 would wait for a quarter-full last wave; Triton 3.8 (ptxas 12.9) chose 128. The aot
+# tier checks for spills under this cap.
 MAX_REGISTERS = 65536 // (PROGRAMS_PER_SM * NUM_WARPS * 32)
-TILE = 1024  # canvas pixels per program tile: 8 per thread, one 128-bit bf16 store per row run
+TILE = 1024  # canvas pixels per program tile for a 16-bit output: 8 per thread, one 128-bit store (half for float32)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension
 # SASS instructions per output element allowed in the aot tier (aot.py, sass_per_output), per loop over the batch
 FORWARD_IMAGE_BUDGET = 45  # tiles with image pixels: bilinear taps, gathers, gain and term
@@ -678,8 +678,10 @@ def forward_launch(images, mean, std, taps, inner, oy, ox, fill, mode, antialias
         return Launch(_compose_transform_fwd_kernel, (tiles, programs), args, constexprs)
     kh, y_bicubic, y_aa = _axis(height, inner, mode, antialias)
     kw, x_bicubic, x_aa = _axis(width, inner, mode, antialias)
-    # fewer pixels per thread for strided per-element stores to a channels_last output (registers)
-    rows, columns = tile_shape(size, TILE if out.is_contiguous() else TILE // 2)
+    # 16 bytes of a contiguous output per thread and channel, one 128-bit store (8 bf16 or 4 float32 pixels: more
+    # float32 pixels took 128 registers and spilled under Triton 3.6); fewer pixels for the strided per-element
+    # stores to a channels_last output (registers)
+    rows, columns = tile_shape(size, TILE * 2 // out.element_size() if out.is_contiguous() else TILE // 2)
     n_col_tiles = triton.cdiv(size, columns)
     tiles = triton.cdiv(size, rows) * n_col_tiles
     args = (
@@ -828,15 +830,16 @@ def aot_cases(capability: int) -> list[AotCase]:
         return forward_launch(images, vec, vec, table, inner_size, offset, offset, 0.0, mode, antialias, term, o,
                               flip=flip)
 
-    def accesses(bits: int) -> int:  # global accesses for `per_thread` contiguous elements of `bits` bits
-        return per_thread * bits // 128
+    def accesses(bits: int, pixels: int = per_thread) -> int:  # global accesses for `pixels` contiguous elements
+        return pixels * bits // 128
 
     def plain(out_bits: int, taps: int = 4, flag: int = 0) -> dict:  # image: (the flip flag +) 3 x (gathers +
-        # term + store); frame: term + store
+        # term + store); frame: term + store; 16 bytes of output per thread and channel (forward_launch)
+        pixels = 128 // out_bits
         return dict(min_store_bits=128, sass_paths={
-            "image": LoopDesign(3 * per_thread, flag + 3 * (taps * per_thread + accesses(32) + accesses(out_bits)),
+            "image": LoopDesign(3 * pixels, flag + 3 * (taps * pixels + accesses(32, pixels) + 1),
                                 FORWARD_IMAGE_BUDGET),
-            "frame": LoopDesign(3 * per_thread, 3 * (accesses(32) + accesses(out_bits)), FORWARD_FRAME_BUDGET)})
+            "frame": LoopDesign(3 * pixels, 3 * (accesses(32, pixels) + 1), FORWARD_FRAME_BUDGET)})
 
     def transformed(images, o) -> dict:  # one warp per canvas row run, 16 bytes of output per thread
         plan = transform_taps_plan(images.shape, size, inner, "bilinear", False, o.dtype)
