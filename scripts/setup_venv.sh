@@ -11,9 +11,9 @@
 # the UV_* variables (UV_INDEX_URL, UV_EXTRA_INDEX_URL, ...), not pip's configuration;
 # VPFAST_INSTALLER=pip installs with pip instead, as happens (with a message) when uv cannot be
 # installed. vpfast itself is always rebuilt (--reinstall-package vpfast), so a changed csrc/ is
-# never served from uv's cache. Nothing is byte-compiled at install time; one import of vpfast and its model libraries byte-compiles what they use, even where
-# PYTHONDONTWRITEBYTECODE is set (without those files, every later start would recompile them: 11 s
-# instead of 3 s for `vpfast info` on 2 cores).
+# never served from uv's cache. Nothing is byte-compiled at install time; one import of vpfast and
+# its model libraries byte-compiles what they use, even where PYTHONDONTWRITEBYTECODE is set (without
+# those files, every later start would recompile them: 11 s instead of 3 s for `vpfast info` on 2 cores).
 
 setup_venv() {
   local extras="$1"
